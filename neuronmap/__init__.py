@@ -1,0 +1,24 @@
+"""NeuronMap: capture, patch and look inside transformer models, in notebooks.
+
+The public API is re-exported here; everything else is private to its module. Heavy optional libraries
+(plotly, scikit-learn, h5py, anywidget) are imported where they are first used, so `import neuronmap` stays light.
+"""
+
+from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError
+from .hooks import HookPoint
+from .model import Model, load
+from .trace import Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HookNameError",
+    "HookPoint",
+    "InputError",
+    "InterventionError",
+    "LoadError",
+    "Model",
+    "NeuronMapError",
+    "Trace",
+    "load",
+]

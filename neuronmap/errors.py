@@ -1,0 +1,43 @@
+"""NeuronMap's exception types: each names what is wrong and, where it helps, what would be right."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class NeuronMapError(Exception):
+    """Base class of every error NeuronMap raises on purpose."""
+
+
+class HookNameError(NeuronMapError, KeyError):
+    """A hook name or pattern that names no hook point of the model."""
+
+    def __init__(self, name: str, valid: Iterable[str], *, pattern: bool = False):
+        valid = list(valid)
+        close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+        what = "pattern" if pattern else "hook name"
+        verb = "matches no hook point" if pattern else "is not a hook point of this model"
+        message = f"{what} {name!r} {verb}"
+        if close:
+            message += f"; did you mean {', '.join(repr(c) for c in close)}?"
+        else:
+            message += f" ({len(valid)} hook points; see model.hook_names)"
+        super().__init__(message)
+        self.name = name
+        self.suggestions = close
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message with quotes around it
+        return str(self.args[0])
+
+
+class InputError(NeuronMapError, ValueError):
+    """Inputs that cannot be run: empty, too long for the model, or strings without a tokenizer."""
+
+
+class InterventionError(NeuronMapError, ValueError):
+    """An intervention that cannot be applied: wrong shape, wrong type, or a function that failed."""
+
+
+class LoadError(NeuronMapError, ValueError):
+    """Something that `neuronmap.load` cannot turn into a model."""

@@ -1,0 +1,271 @@
+"""Hook points on unmodified modules: where each one reads and writes, and scoped, exception-safe attachment.
+
+A hook point is a named place in a model's forward pass (TransformerLens names on HF models, module paths on
+any other module). Attaching actions to hook points registers plain torch hooks on the real modules; the
+attention pattern and scores, which no module returns, are reached through a wrapper around the model's own
+attention function. Everything attached is removed when the `attached` context exits, however it exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .errors import InterventionError
+
+Site = Literal["output", "input", "scores", "pattern"]
+Action = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""Called with a hook point's activation; returns its replacement, or None to leave it unchanged.
+An action whose `intervenes` attribute is False promises to return None (it only reads)."""
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """Where per-head activations `[batch, pos, head, d_head]` sit in a module's `[batch, pos, features]` tensor.
+
+    `offset` skips leading features (a fused q|k|v projection); `group > 1` means each head's slice holds
+    `group` interleaved parts (GPT-NeoX packs q, k, v per head) of which `part` is the one meant.
+    """
+
+    n_heads: int
+    d_head: int
+    offset: int = 0
+    group: int = 1
+    part: int = 0
+
+    def read(self, features: torch.Tensor) -> torch.Tensor:
+        """A view of `features` shaped `[..., head, d_head]` (writing to it writes to `features`)."""
+        if self.group > 1:
+            grouped = features.unflatten(-1, (self.n_heads, self.group * self.d_head))
+            return grouped[..., self.part * self.d_head : (self.part + 1) * self.d_head]
+        width = self.n_heads * self.d_head
+        return features[..., self.offset : self.offset + width].unflatten(-1, (self.n_heads, self.d_head))
+
+
+@dataclass(frozen=True, eq=False)
+class HookPoint:
+    """A named activation: the module it lives on, which side of it (`site`), and how heads are carved out.
+
+    `pos_dim` is the token dimension used when only some positions are kept (the query dimension for
+    attention scores and patterns).
+    """
+
+    name: str
+    module: nn.Module
+    site: Site = "output"
+    heads: HeadSplit | None = None
+    pos_dim: int = 1
+
+    def read(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.heads is None else self.heads.read(tensor)
+
+    def write(self, tensor: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The module-side tensor with this hook point's part replaced by `value`."""
+        if self.heads is None:
+            return value
+        updated = tensor.clone()
+        self.heads.read(updated).copy_(value)
+        return updated
+
+    def __repr__(self) -> str:
+        return f"HookPoint({self.name!r}, {self.site} of {type(self.module).__name__})"
+
+
+@contextlib.contextmanager
+def attached(actions: Mapping[HookPoint, Action], config: Any = None) -> Iterator[None]:
+    """Attach `actions` to their hook points for the duration of the block; remove them all on exit.
+
+    `config` is the HF config whose attention implementation is switched to NeuronMap's wrapper while
+    attention-score or pattern hook points are attached (restored afterwards).
+    """
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    attention_entries: list[tuple[nn.Module, Site, Action]] = []
+    switched = False
+    try:
+        for point, action in actions.items():
+            if point.site == "output":
+                handles.append(point.module.register_forward_hook(_output_hook(point, action)))
+            elif point.site == "input":
+                handles.append(point.module.register_forward_pre_hook(_input_hook(point, action), with_kwargs=True))
+            else:
+                entry = (point.module, point.site, action)
+                _ATTENTION_ACTIONS.setdefault(point.module, []).append(entry)
+                attention_entries.append(entry)
+        if attention_entries:
+            _switch_attention(config)
+            switched = True
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for entry in attention_entries:
+            entries = _ATTENTION_ACTIONS[entry[0]]
+            entries.remove(entry)
+            if not entries:
+                del _ATTENTION_ACTIONS[entry[0]]
+        if switched:
+            _restore_attention(config)
+
+
+def is_neuronmap_hook(fn: Callable) -> bool:
+    """Whether a torch hook function was registered by NeuronMap (for leak checks and `list_hooks`)."""
+    return getattr(fn, "_neuronmap_hook", None) is not None
+
+
+def _output_hook(point: HookPoint, action: Action) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        tensor = output[0] if isinstance(output, tuple) else output
+        replacement = action(point.read(tensor))
+        if replacement is None:
+            return None
+        tensor = point.write(tensor, replacement)
+        return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+    hook._neuronmap_hook = point.name
+    return hook
+
+
+def _input_hook(point: HookPoint, action: Action) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            tensor = args[0]
+        else:
+            key = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+            tensor = kwargs[key]
+        replacement = action(point.read(tensor))
+        if replacement is None:
+            return None
+        tensor = point.write(tensor, replacement)
+        if args:
+            return (tensor, *args[1:]), kwargs
+        return args, {**kwargs, key: tensor}
+
+    hook._neuronmap_hook = point.name
+    return hook
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention scores and patterns. HF attention modules call a function looked up by the config's attention
+# implementation name; while such hook points are attached, that name is switched to a NeuronMap wrapper that
+# delegates to the original function (so outputs stay bit-identical when only capturing) and computes the
+# scores and pattern beside it. Intervening on them runs the eager computation with the hooks in the loop.
+
+_ATTENTION_ACTIONS: dict[nn.Module, list[tuple[nn.Module, Site, Action]]] = {}
+_PREFIX = "neuronmap+"
+_switch_depth: dict[int, tuple[str, int]] = {}
+
+
+def _switch_attention(config: Any) -> None:
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise InterventionError("attention scores and patterns need a Hugging Face model with an attention config")
+    key = id(config)
+    if key in _switch_depth:
+        original, depth = _switch_depth[key]
+        _switch_depth[key] = (original, depth + 1)
+        return
+    original = config._attn_implementation or "eager"
+    _register_wrapper(original)
+    _switch_depth[key] = (original, 1)
+    config._attn_implementation = _PREFIX + original
+
+
+def _restore_attention(config: Any) -> None:
+    original, depth = _switch_depth[id(config)]
+    if depth > 1:
+        _switch_depth[id(config)] = (original, depth - 1)
+        return
+    del _switch_depth[id(config)]
+    config._attn_implementation = original
+
+
+def _register_wrapper(original: str) -> None:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    name = _PREFIX + original
+    if name in AttentionInterface._global_mapping:
+        return
+
+    def attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return _hooked_attention(original, module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+
+
+def _original_attention(original: str, module: nn.Module) -> Callable:
+    if original != "eager":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return ALL_ATTENTION_FUNCTIONS[original]
+    # Each HF family defines its own eager function in its modeling module; use exactly that one.
+    return getattr(sys.modules[type(module).__module__], "eager_attention_forward", _eager_attention)
+
+
+def _hooked_attention(original, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    entries = _ATTENTION_ACTIONS.get(module, [])
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    original_fn = _original_attention(original, module)
+    if not any(getattr(action, "intervenes", True) for *_, action in entries):
+        output, weights = original_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if entries:
+            keys = _repeat_kv(key, query.shape[1] // key.shape[1])
+            wants_scores = any(site == "scores" for _, site, _ in entries)
+            scores = _masked_scores(module, query, keys, attention_mask, scaling, kwargs) if wants_scores or weights is None else None
+            if scores is not None:
+                _run_actions(entries, "scores", scores)
+            pattern = weights if weights is not None else torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            _run_actions(entries, "pattern", pattern)
+        return output, weights
+    # Some action may replace the scores or the pattern: compute attention eagerly with the hooks in the loop.
+    return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, entries=entries, **kwargs)
+
+
+def _run_actions(entries, site: Site, tensor: torch.Tensor) -> torch.Tensor:
+    for _, entry_site, action in entries:
+        if entry_site == site:
+            replacement = action(tensor)
+            tensor = tensor if replacement is None else replacement
+    return tensor
+
+
+def _masked_scores(module, query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
+    """Pre-softmax scores `[batch, head, query, key]` with masked positions at the dtype's minimum (as HF eager)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return scores + mask
+    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if is_causal and q_len > 1:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return scores
+
+
+def _repeat_kv(states: torch.Tensor, repeats: int) -> torch.Tensor:
+    return states if repeats == 1 else states.repeat_interleave(repeats, dim=1)
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, entries=(), **kwargs):
+    """Eager attention with `entries`' actions applied to the scores and the pattern (also the fallback for
+    families whose modeling module defines no eager function of its own)."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    key = _repeat_kv(key, query.shape[1] // key.shape[1])
+    value = _repeat_kv(value, query.shape[1] // value.shape[1])
+    scores = _run_actions(entries, "scores", _masked_scores(module, query, key, attention_mask, scaling, kwargs))
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = _run_actions(entries, "pattern", pattern)
+    pattern = nn.functional.dropout(pattern, p=dropout, training=module.training)
+    return torch.matmul(pattern, value).transpose(1, 2).contiguous(), pattern
