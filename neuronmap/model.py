@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
@@ -57,7 +56,6 @@ class Model:
         config = getattr(module, "config", None)
         self._config = config
         self._max_length = _context_length(config)
-        self._forward_kwargs = _forward_kwargs(module)
 
     @property
     def hook_names(self) -> list[str]:
@@ -172,7 +170,7 @@ class Model:
     def _forward(self, batch: Batch) -> Any:
         if self._config is None:
             return self.module(batch.tokens)
-        return self.module(input_ids=batch.tokens, attention_mask=batch.attention_mask, **self._forward_kwargs)
+        return self.module(input_ids=batch.tokens, attention_mask=batch.attention_mask)
 
 
 class _PointAction:
@@ -274,7 +272,3 @@ def _context_length(config: Any) -> int | None:
             return value
     return None
 
-
-def _forward_kwargs(module: nn.Module) -> dict[str, Any]:
-    parameters = inspect.signature(module.forward).parameters
-    return {"use_cache": False} if "use_cache" in parameters else {}

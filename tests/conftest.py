@@ -1,0 +1,83 @@
+"""Small seeded models of every supported family, and a word-level tokenizer, all built offline."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+WORDS = ["<pad>", "<unk>", "<s>"] + "the cat sat on mat a dog ran to park when mary and john went store gave drink".split()
+
+
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over `WORDS` (ids 0..len(WORDS)-1), padding with id 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+
+
+FAMILIES = ["gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2", "bert", "roberta"]
+PRE_LN = ["gpt2", "gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2"]
+ROTARY = ["gpt_neox", "gpt_neox_sequential", "llama", "mistral", "qwen2"]
+ENCODERS = ["bert", "roberta"]
+
+
+def config_for(family: str) -> transformers.PretrainedConfig:
+    size = dict(vocab_size=len(WORDS) + 7)
+    if family == "gpt2":
+        return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, bos_token_id=2, eos_token_id=2, **size)
+    if family.startswith("gpt_neox"):
+        return transformers.GPTNeoXConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=64, use_parallel_residual=family == "gpt_neox", rotary_pct=0.5, **size,
+        )
+    if family in ("llama", "mistral", "qwen2"):
+        config_class = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family]
+        return config_class(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            max_position_embeddings=64, **size,
+        )
+    if family in ENCODERS:
+        config_class = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        extra = {"max_position_embeddings": 66, "pad_token_id": 1} if family == "roberta" else {"max_position_embeddings": 64}
+        return config_class(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, **extra, **size)
+    raise ValueError(family)
+
+
+def make_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A seeded random model; weights are scaled up so attention patterns are far from uniform."""
+    torch.manual_seed(seed)
+    config = config_for(family)
+    model_class = transformers.AutoModel if family in ENCODERS else transformers.AutoModelForCausalLM
+    model = model_class.from_config(config, attn_implementation=attn)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+                parameter.mul_(8.0)
+    return model.eval()
+
+
+def eager_copy(model: torch.nn.Module) -> torch.nn.Module:
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("eager")
+    return twin
+
+
+def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, len(WORDS), (batch, length), generator=generator)
+
+
+def main_output(output) -> torch.Tensor:
+    """Logits when the model has a head, otherwise the last hidden state."""
+    return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return word_tokenizer()
