@@ -15,10 +15,17 @@ Inputs = Union[str, Sequence[str], torch.Tensor]
 
 @dataclass
 class Batch:
-    """Token ids `[batch, pos]` with their attention mask (1 = real token, 0 = padding)."""
+    """Token ids `[batch, pos]` with their attention mask (1 = real token, 0 = padding).
+
+    For a module that is not an HF model, `tokens` is its input, whatever it is, and the mask is None.
+    """
 
     tokens: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+    def to(self, device: torch.device) -> Batch:
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return Batch(self.tokens.to(device), mask)
 
     @property
     def last_positions(self) -> torch.Tensor:

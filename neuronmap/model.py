@@ -120,10 +120,13 @@ class Model:
         positions (an int, a slice, a list, or `"last"` for each prompt's last real token), keeping the
         position dimension. `grad=True` runs with autograd on (for gradients through interventions).
         """
-        batch = to_batch(inputs, self.tokenizer, attention_mask, self._max_length)
+        if self._config is None and isinstance(inputs, torch.Tensor):
+            batch = Batch(inputs, None)  # any nn.Module: its input goes through unchanged
+        else:
+            batch = to_batch(inputs, self.tokenizer, attention_mask, self._max_length)
         recorder = _Recorder(batch, capture_device, capture_dtype, capture_positions)
         actions = self._actions(self.resolve(capture) if capture is not None else [], interventions or {}, recorder)
-        batch = Batch(batch.tokens.to(self.device), batch.attention_mask.to(self.device))
+        batch = batch.to(self.device)
         with self._attach(actions), torch.set_grad_enabled(grad):
             output = self._forward(batch)
         return Trace(output, batch, recorder.activations, self.tokenizer, self.name)
@@ -220,9 +223,11 @@ class _Recorder:
         self.device = device
         self.dtype = dtype
         self.positions = positions
-        self.last = batch.last_positions if positions == "last" else None
         if isinstance(positions, str) and positions != "last":
             raise InputError(f"capture_positions {positions!r} is not valid; did you mean 'last'?")
+        if positions == "last" and batch.attention_mask is None:
+            raise InputError("capture_positions='last' needs token inputs with an attention mask; use -1")
+        self.last = batch.last_positions if positions == "last" else None
 
     def record(self, point: HookPoint, activation: torch.Tensor) -> None:
         kept = _select_positions(activation.detach(), point.pos_dim, self.positions, self.last)

@@ -33,6 +33,8 @@ class Trace(Renders):
     @property
     def str_tokens(self) -> list[list[str]]:
         """Each prompt's tokens as strings (padding left out), one list per prompt."""
+        if self.attention_mask is None:
+            raise AttributeError("str_tokens: this trace's input was not token ids")
         if self._tokenizer is None:
             return [[str(int(t)) for t, keep in zip(row, mask) if keep] for row, mask in zip(self.tokens, self.attention_mask)]
         return [

@@ -1,0 +1,228 @@
+"""Checkers for tutorial 01, "Capture and intervene".
+
+Each one recomputes the answer with plain `register_forward_hook` / `register_forward_pre_hook` calls on the
+real Hugging Face modules (never through NeuronMap's hook points, which is what the student is using), so a
+bug in either path shows up as a disagreement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["check_most_important_head", "check_patched_similarity", "check_residual_sum"]
+
+
+def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
+    """Check a reconstruction of a GPT-2 model's last `hook_resid_post` from its captured components.
+
+    `model` is the NeuronMap model (or the bare `GPT2LMHeadModel`) and `tokens` the `[batch, pos]` ids that
+    were run. The reference is the last block's output, read with a forward hook on that block.
+    """
+    module = _module(model)
+    blocks = module.base_model.h
+    tokens = torch.as_tensor(tokens)
+    tokens = tokens.unsqueeze(0) if tokens.dim() == 1 else tokens
+    with torch.no_grad(), _read_output(blocks[-1]) as seen:
+        module(input_ids=tokens)
+    expected = seen["output"]
+    last = f"blocks.{len(blocks) - 1}.hook_resid_post"
+    if not isinstance(answer, torch.Tensor):
+        return _fail(f"the answer should be a tensor shaped like {last}, {list(expected.shape)}; got a {type(answer).__name__}")
+    answer = answer.detach().to(expected.dtype)
+    if answer.shape != expected.shape:
+        return _fail(f"the answer has shape {list(answer.shape)}, but {last} has shape {list(expected.shape)}")
+    if torch.allclose(answer, expected, atol=1e-4, rtol=1e-4):
+        return _pass(
+            f"embeddings + positions + every attn_out + every mlp_out reproduce {last} "
+            f"(max error {_max_error(answer, expected):.1e}): a pre-LN residual stream is a plain sum"
+        )
+    with torch.no_grad():
+        positions = module.base_model.wpe(torch.arange(tokens.shape[1]))
+        normalized = module.base_model.ln_f(expected)
+    if torch.allclose(answer + positions, expected, atol=1e-4, rtol=1e-4):
+        return _fail("the positional embeddings (hook_pos_embed) are missing from the sum")
+    if torch.allclose(answer, normalized, atol=1e-4, rtol=1e-4):
+        return _fail(f"that is the final LayerNorm's output (ln_final.hook_normalized), not {last}")
+    return _fail(
+        f"the sum differs from {last} by up to {_max_error(answer, expected):.3g}: add hook_embed, hook_pos_embed "
+        f"and, for every block, hook_attn_out and hook_mlp_out (and nothing else)"
+    )
+
+
+def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str], layer: int) -> bool:
+    """Check which attention head of BERT-family `layer`, zero-ablated, moves the two sentences' similarity most.
+
+    The similarity is the cosine of the mean-pooled last hidden states; "most" means the largest absolute
+    change. A head is ablated by zeroing its slice of the attention output projection's input (its `z`).
+    """
+    module = _module(model)
+    encoded = _encode(model, sentences)
+    config = module.config
+    n_heads = config.num_attention_heads
+    d_head = config.hidden_size // n_heads
+    projection = module.base_model.encoder.layer[layer].attention.output.dense
+    base = _similarity(module, encoded)
+    changes = []
+    for head in range(n_heads):
+        with _zero_input_slice(projection, head * d_head, (head + 1) * d_head):
+            changes.append(_similarity(module, encoded) - base)
+    best = max(range(n_heads), key=lambda h: abs(changes[h]))
+    if isinstance(answer, torch.Tensor) and answer.numel() == 1:
+        answer = answer.item()
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < n_heads:
+        return _fail(f"the answer should be a head index, an int from 0 to {n_heads - 1}; got {answer!r}")
+    if math.isclose(abs(changes[answer]), abs(changes[best]), abs_tol=1e-6):
+        return _pass(f"ablating head {layer}.{answer} changes the similarity by {changes[answer]:+.3f}, the most of layer {layer}'s {n_heads} heads")
+    hint = ""
+    signed = max(range(n_heads), key=lambda h: changes[h]), min(range(n_heads), key=lambda h: changes[h])
+    if answer in signed:
+        hint = " Compare absolute changes: a head matters whether it raises or lowers the similarity."
+    return _fail(
+        f"ablating head {layer}.{answer} changes the similarity by {changes[answer]:+.3f}, "
+        f"but another head of layer {layer} changes it by {changes[best]:+.3f}.{hint}"
+    )
+
+
+def check_patched_similarity(
+    answer: Callable[[int, int], float],
+    model: Any,
+    clean: str,
+    corrupted: str,
+    probe: str,
+    cases: Sequence[tuple[int, int]] | None = None,
+) -> bool:
+    """Check `answer(layer, position)`: the probe similarity of `corrupted` with one residual vector patched.
+
+    The patch copies the clean run's `blocks.{layer}.hook_resid_post` (a BERT layer's output) at `position`
+    into the corrupted run; the result is the cosine between the patched run's mean-pooled embedding and the
+    probe sentence's. `cases` are the (layer, position) pairs tried; by default the first and last layer at
+    the first position where the two inputs differ, and a middle layer at position 0.
+    """
+    module = _module(model)
+    layers = module.base_model.encoder.layer
+    clean_ids, corrupted_ids = _encode(model, [clean]), _encode(model, [corrupted])
+    if clean_ids["input_ids"].shape != corrupted_ids["input_ids"].shape:
+        return _fail("the clean and corrupted inputs must have the same number of tokens to patch position by position")
+    differ = (clean_ids["input_ids"] != corrupted_ids["input_ids"])[0].nonzero().flatten().tolist()
+    where = differ[0] if differ else 1
+    cases = list(cases) if cases is not None else [(0, where), (len(layers) - 1, where), (len(layers) // 2, 0)]
+    with torch.no_grad():
+        probe_embedding = _embeddings(module, _encode(model, [probe]))[0]
+        clean_outputs = {}
+        for layer in {layer for layer, _ in cases}:
+            with _read_output(layers[layer]) as seen:
+                module(**clean_ids)
+            clean_outputs[layer] = seen["output"]
+        unpatched = _cosine(_embeddings(module, corrupted_ids)[0], probe_embedding)
+        clean_similarity = _cosine(_embeddings(module, clean_ids)[0], probe_embedding)
+    for layer, position in cases:
+        with torch.no_grad(), _patch_output(layers[layer], position, clean_outputs[layer]):
+            expected = _cosine(_embeddings(module, corrupted_ids)[0], probe_embedding)
+        got = answer(layer, position)
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (int, float)):
+            return _fail(f"patched_similarity({layer}, {position}) should return a float; got a {type(got).__name__}")
+        if math.isclose(got, expected, abs_tol=1e-4):
+            continue
+        if math.isclose(got, unpatched, abs_tol=1e-4):
+            hint = "that is the unpatched corrupted similarity: the patch had no effect (does the hook return the edited activation?)"
+        elif math.isclose(got, clean_similarity, abs_tol=1e-4):
+            hint = "that is the clean similarity: patch only one position, not the whole sequence"
+        else:
+            hint = f"patch blocks.{layer}.hook_resid_post at position {position} only, from the clean run into the corrupted run"
+        return _fail(f"patched_similarity({layer}, {position}) returned {got:.4f}, expected {expected:.4f}; {hint}")
+    tried = ", ".join(f"({layer}, {position})" for layer, position in cases)
+    return _pass(f"patched_similarity matches an independent patch at (layer, position) = {tried}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pass(message: str) -> bool:
+    print(f"✓ Correct: {message}")
+    return True
+
+
+def _fail(message: str) -> bool:
+    print(f"✗ Not yet: {message}")
+    return False
+
+
+def _module(model: Any) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _encode(model: Any, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("this checker needs the model's tokenizer: pass the model returned by neuronmap.load")
+    return dict(tokenizer(list(sentences), padding=True, return_tensors="pt"))
+
+
+def _embeddings(module: nn.Module, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = module(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def _similarity(module: nn.Module, encoded: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        first, second = _embeddings(module, encoded)[:2]
+    return _cosine(first, second)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
+
+def _max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def _read_output(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    seen: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(lambda mod, args, output: seen.__setitem__("output", _first(output).detach().clone()))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _patch_output(module: nn.Module, position: int, source: torch.Tensor) -> Iterator[None]:
+    def hook(mod, args, output):
+        patched = _first(output).clone()
+        patched[:, position] = source[:, position]
+        return (patched, *output[1:]) if isinstance(output, tuple) else patched
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _zero_input_slice(module: nn.Module, start: int, stop: int) -> Iterator[None]:
+    def hook(mod, args):
+        features = args[0].clone()
+        features[..., start:stop] = 0
+        return (features, *args[1:])
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
