@@ -114,7 +114,7 @@ def attached(actions: Mapping[HookPoint, Action], config: Any = None) -> Iterato
 
 
 def is_neuronmap_hook(fn: Callable) -> bool:
-    """Whether a torch hook function was registered by NeuronMap (for leak checks and `list_hooks`)."""
+    """Whether a torch hook function was registered by NeuronMap (what leak checks look for)."""
     return getattr(fn, "_neuronmap_hook", None) is not None
 
 

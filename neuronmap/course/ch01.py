@@ -39,8 +39,8 @@ def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
         return _fail(f"the answer has shape {list(answer.shape)}, but {last} has shape {list(expected.shape)}")
     if torch.allclose(answer, expected, atol=1e-4, rtol=1e-4):
         return _pass(
-            f"embeddings + positions + every attn_out + every mlp_out reproduce {last} "
-            f"(max error {_max_error(answer, expected):.1e}): a pre-LN residual stream is a plain sum"
+            f"embeddings + positions + every attn_out + every mlp_out reproduce {last}: "
+            f"a pre-LN residual stream is a plain sum"
         )
     with torch.no_grad():
         positions = module.base_model.wpe(torch.arange(tokens.shape[1]))
@@ -78,14 +78,17 @@ def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str],
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < n_heads:
         return _fail(f"the answer should be a head index, an int from 0 to {n_heads - 1}; got {answer!r}")
     if math.isclose(abs(changes[answer]), abs(changes[best]), abs_tol=1e-6):
-        return _pass(f"ablating head {layer}.{answer} changes the similarity by {changes[answer]:+.3f}, the most of layer {layer}'s {n_heads} heads")
+        return _pass(
+            f"ablating head {answer} of layer {layer} changes the similarity by {changes[answer]:+.3f}, "
+            f"the most of the layer's {n_heads} heads"
+        )
     hint = ""
     signed = max(range(n_heads), key=lambda h: changes[h]), min(range(n_heads), key=lambda h: changes[h])
     if answer in signed:
         hint = " Compare absolute changes: a head matters whether it raises or lowers the similarity."
     return _fail(
-        f"ablating head {layer}.{answer} changes the similarity by {changes[answer]:+.3f}, "
-        f"but another head of layer {layer} changes it by {changes[best]:+.3f}.{hint}"
+        f"ablating head {answer} of layer {layer} changes the similarity by {changes[answer]:+.3f}, "
+        f"but another head of that layer changes it by {changes[best]:+.3f}.{hint}"
     )
 
 
