@@ -22,12 +22,14 @@ Intervention = Union[Callable[[torch.Tensor, HookPoint], Union[torch.Tensor, Non
 Positions = Union[int, slice, list, torch.Tensor, str, None]
 
 
-def load(model: Any, tokenizer: Any = None, **kwargs: Any) -> Model:
+def load(model: Any, tokenizer: Any = None, *, name: str | None = None, **kwargs: Any) -> Model:
     """Wrap a model for capture and intervention.
 
     `model` is a hub id or local directory (loaded with `from_pretrained`; `kwargs` go to it, e.g.
-    `attn_implementation="eager"` or `torch_dtype=torch.float16`), a `transformers.PreTrainedModel`, or any
-    `torch.nn.Module`. The model is put in eval mode, as `from_pretrained` leaves it, and is never modified.
+    `attn_implementation="eager"` or `dtype=torch.float16`), a `transformers.PreTrainedModel`, or any
+    `torch.nn.Module`. `name` is what reprs and views call the model (default: the hub id, the directory's
+    name, or the class name). The model is put in eval mode, as `from_pretrained` leaves it, and is never
+    otherwise modified.
     """
     if isinstance(model, Model):
         return model
@@ -38,7 +40,7 @@ def load(model: Any, tokenizer: Any = None, **kwargs: Any) -> Model:
         raise LoadError(f"keyword arguments {sorted(kwargs)} only apply when loading from a hub id or directory")
     if not isinstance(model, nn.Module):
         raise LoadError(f"cannot load a {type(model).__name__}: give a hub id, a directory, or a torch.nn.Module")
-    return Model(model.eval(), tokenizer)
+    return Model(model.eval(), tokenizer, name=name)
 
 
 class Model:
@@ -47,9 +49,10 @@ class Model:
     `run` does one forward pass and returns a `Trace`; `hooks` keeps interventions attached over a block.
     """
 
-    def __init__(self, module: nn.Module, tokenizer: Any = None):
+    def __init__(self, module: nn.Module, tokenizer: Any = None, name: str | None = None):
         self.module = module
         self.tokenizer = tokenizer
+        self.name = name or _default_name(module)
         self.architecture, adapter = adapter_for(module)
         self._points: dict[str, HookPoint] = {p.name: p for p in adapter(module)}
         self._attached: list[str] = []
@@ -61,10 +64,6 @@ class Model:
     def hook_names(self) -> list[str]:
         """Every hook point, in the order the forward pass reaches them."""
         return list(self._points)
-
-    @property
-    def name(self) -> str:
-        return getattr(self._config, "name_or_path", None) or type(self.module).__name__
 
     @property
     def device(self) -> torch.device:
@@ -266,6 +265,14 @@ def _from_pretrained(path: str, **kwargs: Any) -> tuple[nn.Module, Any]:
     except (OSError, ValueError):
         tokenizer = None
     return model, tokenizer
+
+
+def _default_name(module: nn.Module) -> str:
+    """The hub id, or a local directory's own name (a full local path would leak into shared notebooks)."""
+    path = getattr(getattr(module, "config", None), "name_or_path", None)
+    if not path:
+        return type(module).__name__
+    return os.path.basename(os.path.normpath(path)) if os.path.isabs(path) else path
 
 
 def _context_length(config: Any) -> int | None:

@@ -13,7 +13,11 @@ from .inputs import Batch
 
 
 class Trace(Renders):
-    """The result of `Model.run`: `.logits`, `.tokens`, `.str_tokens`, and `trace[name]` for captured activations."""
+    """The result of `Model.run`: `.logits`, `.tokens`, `.str_tokens`, and `trace[name]` for captured activations.
+
+    `.attention_mask` marks real tokens (1) and padding (0) in `.tokens`, e.g. for mean pooling over a batch;
+    `.output` is the model's whole output (for models without logits, such as a bare `BertModel`).
+    """
 
     def __init__(self, output: Any, batch: Batch, activations: dict[str, torch.Tensor], tokenizer: Any, model_name: str):
         self.output = output

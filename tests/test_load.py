@@ -67,3 +67,10 @@ def test_real_minilm_patterns_equal_hf_output_attentions_on_a_padded_batch(minil
         torch.testing.assert_close(trace[f"blocks.{layer}.attn.hook_pattern"], expected.attentions[layer], rtol=0, atol=1e-5)
     torch.testing.assert_close(trace.output.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
     assert trace.str_tokens[1] == ["[CLS]", "a", "short", "one", ".", "[SEP]"]
+
+
+def test_display_names_never_hold_a_local_path(saved_gpt2):
+    path, _ = saved_gpt2
+    assert nm.load(path).name == path.name
+    assert str(path) not in repr(nm.load(path).run("the cat"))
+    assert nm.load(path, name="tiny-gpt2").name == "tiny-gpt2"

@@ -135,7 +135,10 @@ def check_patched_similarity(
         if math.isclose(got, expected, abs_tol=1e-4):
             continue
         if math.isclose(got, unpatched, abs_tol=1e-4):
-            hint = "that is the unpatched corrupted similarity: the patch had no effect (does the hook return the edited activation?)"
+            hint = (
+                "that is the unpatched corrupted similarity: the patch had no effect (is it on the right hook, and "
+                "does it edit the activation it is given or return the edited one?)"
+            )
         elif math.isclose(got, clean_similarity, abs_tol=1e-4):
             hint = "that is the clean similarity: patch only one position, not the whole sequence"
         else:
