@@ -21,8 +21,7 @@ from .errors import InterventionError
 
 Site = Literal["output", "input", "scores", "pattern"]
 Action = Callable[[torch.Tensor], "torch.Tensor | None"]
-"""Called with a hook point's activation; returns its replacement, or None to leave it unchanged.
-An action whose `intervenes` attribute is False promises to return None (it only reads)."""
+"""Called with a hook point's activation; returns its replacement, or None to leave it unchanged."""
 
 
 @dataclass(frozen=True)
@@ -152,9 +151,10 @@ def _input_hook(point: HookPoint, action: Action) -> Callable:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention scores and patterns. HF attention modules call a function looked up by the config's attention
-# implementation name; while such hook points are attached, that name is switched to a NeuronMap wrapper that
-# delegates to the original function (so outputs stay bit-identical when only capturing) and computes the
-# scores and pattern beside it. Intervening on them runs the eager computation with the hooks in the loop.
+# implementation name. While such hook points are attached, that name is switched to a NeuronMap wrapper: the
+# hooked layers compute attention eagerly with the hooks in the loop (what HF itself does for
+# `output_attentions`; in float32 it is bit-identical to the family's eager function), and every other layer
+# still calls the original function.
 
 _ATTENTION_ACTIONS: dict[nn.Module, list[tuple[nn.Module, Site, Action]]] = {}
 _PREFIX = "neuronmap+"
@@ -209,21 +209,10 @@ def _original_attention(original: str, module: nn.Module) -> Callable:
 
 
 def _hooked_attention(original, module, query, key, value, attention_mask, scaling, dropout, **kwargs):
-    entries = _ATTENTION_ACTIONS.get(module, [])
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    original_fn = _original_attention(original, module)
-    if not any(getattr(action, "intervenes", True) for *_, action in entries):
-        output, weights = original_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        if entries:
-            keys = _repeat_kv(key, query.shape[1] // key.shape[1])
-            wants_scores = any(site == "scores" for _, site, _ in entries)
-            scores = _masked_scores(module, query, keys, attention_mask, scaling, kwargs) if wants_scores or weights is None else None
-            if scores is not None:
-                _run_actions(entries, "scores", scores)
-            pattern = weights if weights is not None else torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-            _run_actions(entries, "pattern", pattern)
-        return output, weights
-    # Some action may replace the scores or the pattern: compute attention eagerly with the hooks in the loop.
+    entries = _ATTENTION_ACTIONS.get(module)
+    if not entries:
+        attention = _original_attention(original, module)
+        return attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return _eager_attention(module, query, key, value, attention_mask, scaling, dropout, entries=entries, **kwargs)
 
 
@@ -236,21 +225,26 @@ def _run_actions(entries, site: Site, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_scores(module, query, key, attention_mask, scaling, kwargs) -> torch.Tensor:
-    """Pre-softmax scores `[batch, head, query, key]` with masked positions at the dtype's minimum (as HF eager)."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    """Pre-softmax scores `[batch, head, query, key]` with masked positions at the dtype's minimum (as HF eager).
+
+    Works in place on the fresh matmul result, so a layer holds one score-sized tensor, not three.
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    minimum = torch.finfo(scores.dtype).min
     if attention_mask is not None:
         mask = attention_mask[:, :, :, : key.shape[-2]]
         if mask.dtype == torch.bool:
-            return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return scores + mask
-    is_causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+            return scores.masked_fill_(~mask, minimum)
+        return scores.add_(mask)
+    is_causal = kwargs.get("is_causal")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     q_len, k_len = query.shape[-2], key.shape[-2]
     if is_causal and q_len > 1:
-        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        future = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).triu_(k_len - q_len + 1)
+        return scores.masked_fill_(future, minimum)
     return scores
 
 

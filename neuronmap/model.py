@@ -182,7 +182,6 @@ class _PointAction:
         self.point = point
         self.interventions = interventions
         self.recorder = recorder
-        self.intervenes = bool(interventions)
 
     def __call__(self, activation: torch.Tensor) -> torch.Tensor | None:
         original = activation

@@ -41,11 +41,20 @@ def test_every_family_has_the_transformerlens_names(hf_model, family):
     assert ("blocks.0.hook_resid_mid" in names) == (family != "gpt_neox")  # parallel attention + MLP has none
 
 
-def test_logits_are_bit_identical_to_the_bare_forward_while_capturing_everything(hf_model, full_trace):
-    assert torch.equal(main_output(full_trace.output), main_output(hf_model(tokens())))
+def test_logits_are_bit_identical_to_the_bare_forward_while_capturing_all_but_attention(hf_model):
+    model = nm.load(hf_model)
+    names = [n for n in model.hook_names if not n.endswith(("hook_pattern", "hook_attn_scores"))]
+    trace = model.run(tokens(), capture=names)
+    assert len(trace) == len(names)
+    assert torch.equal(main_output(trace.output), main_output(hf_model(tokens())))
 
 
-def test_resid_pre_and_post_equal_hf_hidden_states(hf_model, full_trace, family):
+def test_capturing_patterns_runs_those_layers_eagerly_bit_identical_to_hf_eager(hf_model, full_trace):
+    assert torch.equal(main_output(full_trace.output), main_output(eager_copy(hf_model)(tokens())))
+
+
+def test_resid_pre_and_post_equal_hf_hidden_states(hf_model, family):
+    full_trace = nm.load(hf_model).run(tokens(), capture=[n for n in nm.load(hf_model).hook_names if "resid" in n or "ln_final" in n])
     hidden = hf_model(tokens(), output_hidden_states=True).hidden_states
     for layer in range(N_LAYERS):
         assert torch.equal(full_trace[f"blocks.{layer}.hook_resid_pre"], hidden[layer])
@@ -60,7 +69,7 @@ def test_resid_pre_and_post_equal_hf_hidden_states(hf_model, full_trace, family)
 def test_pattern_equals_hf_output_attentions_of_an_eager_copy(hf_model, full_trace):
     attentions = eager_copy(hf_model)(tokens(), output_attentions=True).attentions
     for layer in range(N_LAYERS):
-        torch.testing.assert_close(full_trace[f"blocks.{layer}.attn.hook_pattern"], attentions[layer], rtol=0, atol=1e-6)
+        assert torch.equal(full_trace[f"blocks.{layer}.attn.hook_pattern"], attentions[layer])
 
 
 def test_pattern_on_an_eager_model_is_exactly_hf_output_attentions(family):

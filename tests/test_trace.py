@@ -28,13 +28,13 @@ def test_asking_for_an_uncaptured_name_suggests_the_captured_ones():
 
 def test_capture_options_move_cast_and_cut_positions():
     model = nm.load(make_model("gpt2"))
-    full = model.run(tokens(), capture=["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"])
-    last = model.run(tokens(), capture=["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"], capture_positions=-1,
-                     capture_dtype=torch.float16, capture_device="cpu")
+    names = ["blocks.0.hook_resid_post", "blocks.0.attn.hook_pattern"]
+    full = model.run(tokens(), capture=names)
+    last = model.run(tokens(), capture=names, capture_positions=-1, capture_dtype=torch.float16, capture_device="cpu")
     assert last["blocks.0.hook_resid_post"].dtype == torch.float16
     assert torch.equal(last["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"][:, -1:].half())
     assert torch.equal(last["blocks.0.attn.hook_pattern"], full["blocks.0.attn.hook_pattern"][:, :, -1:].half())
-    some = model.run(tokens(), capture="blocks.0.hook_resid_post", capture_positions=[0, 2])
+    some = model.run(tokens(), capture=names, capture_positions=[0, 2])
     assert torch.equal(some["blocks.0.hook_resid_post"], full["blocks.0.hook_resid_post"][:, [0, 2]])
 
 
