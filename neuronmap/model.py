@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Union
@@ -59,6 +60,9 @@ class Model:
         config = getattr(module, "config", None)
         self._config = config
         self._max_length = _context_length(config)
+        # One analysis pass never needs the KV cache: building it costs memory and the trace would keep it.
+        accepts_cache = "use_cache" in inspect.signature(module.forward).parameters
+        self._forward_kwargs = {"use_cache": False} if accepts_cache else {}
 
     @property
     def hook_names(self) -> list[str]:
@@ -172,7 +176,7 @@ class Model:
     def _forward(self, batch: Batch) -> Any:
         if self._config is None:
             return self.module(batch.tokens)
-        return self.module(input_ids=batch.tokens, attention_mask=batch.attention_mask)
+        return self.module(input_ids=batch.tokens, attention_mask=batch.attention_mask, **self._forward_kwargs)
 
 
 class _PointAction:

@@ -81,3 +81,9 @@ def main_output(output) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def tokenizer():
     return word_tokenizer()
+
+
+def bare(model: torch.nn.Module, *args, **kwargs):
+    """The bare HF forward NeuronMap's runs are compared with: no KV cache (one analysis pass needs none)."""
+    with torch.no_grad():
+        return model(*args, use_cache=False, **kwargs)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import neuronmap as nm
-from conftest import ENCODERS, FAMILIES, PRE_LN, ROTARY, eager_copy, main_output, make_model, tokens
+from conftest import ENCODERS, FAMILIES, PRE_LN, ROTARY, bare, eager_copy, main_output, make_model, tokens
 
 N_LAYERS = 2
 
@@ -46,16 +46,16 @@ def test_logits_are_bit_identical_to_the_bare_forward_while_capturing_all_but_at
     names = [n for n in model.hook_names if not n.endswith(("hook_pattern", "hook_attn_scores"))]
     trace = model.run(tokens(), capture=names)
     assert len(trace) == len(names)
-    assert torch.equal(main_output(trace.output), main_output(hf_model(tokens())))
+    assert torch.equal(main_output(trace.output), main_output(bare(hf_model, tokens())))
 
 
 def test_capturing_patterns_runs_those_layers_eagerly_bit_identical_to_hf_eager(hf_model, full_trace):
-    assert torch.equal(main_output(full_trace.output), main_output(eager_copy(hf_model)(tokens())))
+    assert torch.equal(main_output(full_trace.output), main_output(bare(eager_copy(hf_model), tokens())))
 
 
 def test_resid_pre_and_post_equal_hf_hidden_states(hf_model, family):
     full_trace = nm.load(hf_model).run(tokens(), capture=[n for n in nm.load(hf_model).hook_names if "resid" in n or "ln_final" in n])
-    hidden = hf_model(tokens(), output_hidden_states=True).hidden_states
+    hidden = bare(hf_model, tokens(), output_hidden_states=True).hidden_states
     for layer in range(N_LAYERS):
         assert torch.equal(full_trace[f"blocks.{layer}.hook_resid_pre"], hidden[layer])
     if family in ENCODERS:  # post-LN: every hidden state is a block output
@@ -67,7 +67,7 @@ def test_resid_pre_and_post_equal_hf_hidden_states(hf_model, family):
 
 
 def test_pattern_equals_hf_output_attentions_of_an_eager_copy(hf_model, full_trace):
-    attentions = eager_copy(hf_model)(tokens(), output_attentions=True).attentions
+    attentions = bare(eager_copy(hf_model), tokens(), output_attentions=True).attentions
     for layer in range(N_LAYERS):
         assert torch.equal(full_trace[f"blocks.{layer}.attn.hook_pattern"], attentions[layer])
 
@@ -75,7 +75,7 @@ def test_pattern_equals_hf_output_attentions_of_an_eager_copy(hf_model, full_tra
 def test_pattern_on_an_eager_model_is_exactly_hf_output_attentions(family):
     eager = make_model(family, attn="eager")
     trace = nm.load(eager).run(tokens(), capture="blocks.*.attn.hook_pattern")
-    output = eager(tokens(), output_attentions=True)
+    output = bare(eager, tokens(), output_attentions=True)
     for layer in range(N_LAYERS):
         assert torch.equal(trace[f"blocks.{layer}.attn.hook_pattern"], output.attentions[layer])
     assert torch.equal(main_output(trace.output), main_output(output))

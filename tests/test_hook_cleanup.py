@@ -7,7 +7,7 @@ import torch
 
 import neuronmap as nm
 from neuronmap.hooks import is_neuronmap_hook
-from conftest import main_output, make_model, tokens
+from conftest import bare, main_output, make_model, tokens
 
 
 def _hooks_on(module: torch.nn.Module) -> list:
@@ -39,7 +39,7 @@ def test_a_raising_intervention_leaves_no_hook_and_the_next_run_is_bit_identical
     hf_model = make_model(family)
     model = nm.load(hf_model)
     with torch.no_grad():
-        baseline = main_output(hf_model(tokens()))
+        baseline = main_output(bare(hf_model, tokens()))
     hooks_before = len(_hooks_on(hf_model))
     with pytest.raises(type(exception)):
         model.run(tokens(), capture="*", interventions={where: _raise(exception)})
@@ -49,7 +49,7 @@ def test_a_raising_intervention_leaves_no_hook_and_the_next_run_is_bit_identical
     assert model.list_hooks() == []
     assert torch.equal(main_output(model.run(tokens()).output), baseline)
     with torch.no_grad():
-        assert torch.equal(main_output(hf_model(tokens())), baseline)
+        assert torch.equal(main_output(bare(hf_model, tokens())), baseline)
 
 
 def test_a_wrong_shape_is_a_clear_error_and_leaves_no_hook():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neuronmap as nm
-from conftest import ENCODERS, FAMILIES, main_output, make_model, tokens
+from conftest import ENCODERS, FAMILIES, bare, main_output, make_model, tokens
 
 LAYER, HEAD = 1, 2
 
@@ -43,7 +43,7 @@ def test_zeroing_a_head_in_hook_z_equals_zeroing_its_slice_of_the_output_project
     handle = _output_projection(hf_model, family, LAYER).register_forward_pre_hook(zero_slice)
     try:
         with torch.no_grad():
-            expected = main_output(hf_model(tokens()))
+            expected = main_output(bare(hf_model, tokens()))
     finally:
         handle.remove()
 
@@ -52,7 +52,7 @@ def test_zeroing_a_head_in_hook_z_equals_zeroing_its_slice_of_the_output_project
 
     trace = nm.load(hf_model).run(tokens(), interventions={f"blocks.{LAYER}.attn.hook_z": zero_head})
     assert torch.equal(main_output(trace.output), expected)
-    assert not torch.equal(expected, main_output(hf_model(tokens())))  # the ablation did change something
+    assert not torch.equal(expected, main_output(bare(hf_model, tokens())))  # the ablation did change something
 
 
 def test_replacing_resid_post_with_another_runs_value_patches_exactly(hf_model):
@@ -149,7 +149,7 @@ def test_hooks_context_keeps_interventions_for_several_runs_and_raw_calls(hf_mod
         assert hooked.list_hooks() == ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"]
         first = main_output(model.run(tokens(), capture="blocks.0.hook_mlp_out").output)
         with torch.no_grad():
-            raw = main_output(hf_model(tokens()))
+            raw = main_output(bare(hf_model, tokens()))
         second = model.run(tokens(), capture="blocks.0.hook_mlp_out")
     assert torch.equal(first, raw)
     assert torch.equal(second["blocks.0.hook_mlp_out"], torch.zeros_like(second["blocks.0.hook_mlp_out"]))
