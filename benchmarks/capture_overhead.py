@@ -26,12 +26,15 @@ Every HF-backed call passes ``use_cache=False`` (no KV cache); neuronmap is call
 Variants run round-robin; each round starts at the next variant, so drift and thermal
 noise are spread evenly. Reported per variant and workload:
 
-* median wall time and median CPU time (``time.process_time``, all threads) over the rounds;
+* median (and minimum) wall time and median CPU time (``time.process_time``, all threads);
 * median of the per-round ratio of wall time to ``hf-sdpa`` in the same round;
-* peak RSS rise of one warm call, measured in a fresh child process per variant: the kernel's
-  RSS high-water mark is reset (``/proc/self/clear_refs``) after a warm-up call, then one call
-  is made and held, and ``VmHWM - VmRSS(before)`` is reported. The child runs with a fixed glibc
-  mmap threshold so freed tensors go back to the OS and warm calls cannot hide in reused heap;
+* peak RSS rise of one warm call, measured in a fresh child process per variant and workload:
+  the kernel's RSS high-water mark is reset (``/proc/self/clear_refs``) after a warm-up call,
+  then one call is made and held, and ``VmHWM - VmRSS(before)`` is reported. The child runs with
+  a fixed glibc mmap threshold so freed tensors go back to the OS and warm calls cannot hide in
+  reused heap.
+  "Retained" is the RSS still held after the warm-up call's results are freed (state kept
+  between calls, e.g. a cached attention pattern, plus one-time allocations);
 * bytes captured: sum of ``numel * element_size`` of the returned captured tensors (and the
   de-duplicated total when some entries alias the same storage).
 
@@ -58,7 +61,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-import torch  # noqa: E402
+import torch
 
 N_LAYER = 12
 WORKLOADS: dict[str, tuple[int, int]] = {"8x128": (8, 128), "1x1024": (1, 1024)}
@@ -285,7 +288,7 @@ def time_workload(
         for name in list(runners):
             try:
                 out, captured = runners[name](tokens)
-            except Exception as exc:
+            except Exception as exc:  # a broken variant must not end the run
                 print(f"[{name}] failed, dropped: {type(exc).__name__}: {exc}")
                 continue
             sizes[name] = captured_bytes(captured)
@@ -336,13 +339,17 @@ def memory_child(key: str, workloads: list[str], threads: int | None) -> None:
     for workload in workloads:
         tokens = make_tokens(workload)
         with torch.inference_mode():
+            cold_kb = _proc_status_kb("VmRSS")
             warm = run(tokens)
             del warm
             gc.collect()
+            retained_kb = _proc_status_kb("VmRSS") - cold_kb
             exact = _reset_peak_rss()
-            before_kb = _proc_status_kb("VmRSS") if exact else resource.getrusage(
-                resource.RUSAGE_SELF
-            ).ru_maxrss
+            before_kb = (
+                _proc_status_kb("VmRSS")
+                if exact
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            )
             held = run(tokens)
             peak_kb = (
                 _proc_status_kb("VmHWM")
@@ -353,6 +360,7 @@ def memory_child(key: str, workloads: list[str], threads: int | None) -> None:
         result = {
             "workload": workload,
             "peak_rise_bytes": (peak_kb - before_kb) * 1024,
+            "retained_bytes": retained_kb * 1024,
             "method": "VmHWM-reset" if exact else "ru_maxrss (lower bound)",
         }
         print(json.dumps(result), flush=True)
@@ -362,26 +370,32 @@ def memory_child(key: str, workloads: list[str], threads: int | None) -> None:
 def measure_memory(
     key: str, workloads: list[str], threads: int | None
 ) -> dict[str, dict[str, Any]] | str:
+    """One fresh child per workload, so state a library keeps from one workload's calls
+    cannot lower the next workload's numbers."""
     env = dict(os.environ)
     # Fixed threshold: every allocation >= 64 KiB is its own mmap and is unmapped on free, so
     # RSS tracks live tensors instead of glibc's growing heap.
     env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
-    cmd = [sys.executable, os.path.abspath(__file__), "--_memory-child", key,
-           "--workloads", ",".join(workloads)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     results: dict[str, dict[str, Any]] = {}
-    for line in proc.stdout.splitlines():
-        if not line.startswith("{"):
-            continue
-        record = json.loads(line)
-        if "skip" in record:
-            return record["skip"]
-        results[record["workload"]] = record
-    if proc.returncode != 0 and len(results) < len(workloads):
-        tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-        return f"memory child failed (rc={proc.returncode}): {tail[0]}"
+    for workload in workloads:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_memory-child",
+            key,
+            "--workloads",
+            workload,
+        ]
+        if threads:
+            cmd += ["--threads", str(threads)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if records and "skip" in records[0]:
+            return records[0]["skip"]
+        if not records:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
+            return f"memory child failed on {workload} (rc={proc.returncode}): {tail[0]}"
+        results[workload] = records[0]
     return results
 
 
@@ -396,37 +410,56 @@ def summarise(
     samples: dict[str, list[tuple[float, float]]],
 ) -> dict[str, dict[str, float]]:
     ref_wall = [w for w, _ in samples[REFERENCE]] if REFERENCE in samples else None
+    eager_wall = [w for w, _ in samples["hf-eager"]] if "hf-eager" in samples else None
     out: dict[str, dict[str, float]] = {}
     for name, rows in samples.items():
         walls = [w for w, _ in rows]
         cpus = [c for _, c in rows]
-        stats = {"wall_s": statistics.median(walls), "cpu_s": statistics.median(cpus)}
+        stats = {
+            "wall_s": statistics.median(walls),
+            "min_wall_s": min(walls),
+            "cpu_s": statistics.median(cpus),
+        }
         if ref_wall:
             stats["ratio"] = statistics.median(w / r for w, r in zip(walls, ref_wall))
+        if eager_wall:
+            stats["ratio_eager"] = statistics.median(w / e for w, e in zip(walls, eager_wall))
         out[name] = stats
     return out
 
 
 def print_table(results: dict[str, Any]) -> None:
     print()
-    print("| workload | variant | wall ms | CPU ms | x SDPA (paired) | peak rise MB "
-          "| captured MB | tensors |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| workload | variant | wall ms | min wall ms | CPU ms | x SDPA (paired) | x eager (paired) "
+        "| peak rise MB | rise over SDPA MB | retained MB | captured MB | tensors |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for workload, per_variant in results["timings"].items():
         for key, stats in per_variant.items():
             size = results["captured"][workload].get(key, {})
             mem = results["memory"].get(key)
-            rise = mem.get(workload, {}).get("peak_rise_bytes") if isinstance(mem, dict) else None
+            mem_w = mem.get(workload, {}) if isinstance(mem, dict) else {}
+            rise, kept = mem_w.get("peak_rise_bytes"), mem_w.get("retained_bytes")
             cap = "-" if not size.get("n") else _mb(size["bytes"])
             if size.get("n") and size["unique_bytes"] != size["bytes"]:
                 cap += f" ({_mb(size['unique_bytes'])} unique)"
-            ratio = stats.get("ratio")
+            ratio = "n/a" if stats.get("ratio") is None else f"{stats['ratio']:.2f}"
+            ratio_eager = "n/a" if stats.get("ratio_eager") is None else f"{stats['ratio_eager']:.2f}"
+            reference = results["memory"].get(REFERENCE)
+            ref_rise = reference.get(workload, {}).get("peak_rise_bytes") if isinstance(reference, dict) else None
+            extra = None if rise is None or ref_rise is None else rise - ref_rise
             print(
                 f"| {workload} | {VARIANTS_BY_KEY[key].label} | {stats['wall_s'] * 1e3:,.0f} "
-                f"| {stats['cpu_s'] * 1e3:,.0f} | {'n/a' if ratio is None else f'{ratio:.2f}'} "
-                f"| {_mb(rise)} | {cap} | {size.get('n') or '-'} |"
+                f"| {stats['min_wall_s'] * 1e3:,.0f} | {stats['cpu_s'] * 1e3:,.0f} | {ratio} | {ratio_eager} "
+                f"| {_mb(rise)} | {_mb(extra)} | {_mb(kept)} | {cap} | {size.get('n') or '-'} |"
             )
     print()
+    print("wall/CPU: medians over rounds; x SDPA: median of per-round wall-time ratios to the")
+    print("reference. Peak rise includes the returned logits (batch*seq*50257*4 bytes) that every")
+    print("variant holds. Retained: RSS still held after the first call's results are freed")
+    print("(state a library keeps between calls, plus one-time allocations); it sits in the")
+    print("baseline of the peak rise. 'unique' de-duplicates entries that alias one storage.")
 
 
 def _versions() -> dict[str, str]:
@@ -444,13 +477,20 @@ def _versions() -> dict[str, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds (default 7)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed rounds first, at least 1 (default 1)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds first, at least 1 (default 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 1 warm-up")
-    parser.add_argument("--variants", default=",".join(VARIANTS_BY_KEY),
-                        help="comma-separated subset of: " + ", ".join(VARIANTS_BY_KEY))
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help="comma-separated subset of: " + ", ".join(WORKLOADS))
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS_BY_KEY),
+        help="comma-separated subset of: " + ", ".join(VARIANTS_BY_KEY),
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated subset of: " + ", ".join(WORKLOADS),
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-RSS child processes")
     parser.add_argument("--json", metavar="PATH", help="also write raw results as JSON")
@@ -486,9 +526,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             print(f"[{key}] setup failed, skipped: {type(exc).__name__}: {exc}")
 
-    results: dict[str, Any] = {"versions": versions, "threads": torch.get_num_threads(),
-                               "rounds": rounds, "timings": {}, "captured": {}, "memory": {},
-                               "raw": {}}
+    results: dict[str, Any] = {
+        "versions": versions,
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "timings": {},
+        "captured": {},
+        "memory": {},
+        "raw": {},
+    }
     for workload in workloads:
         print(f"timing {workload} ...", flush=True)
         samples, sizes = time_workload(runners, make_tokens(workload), rounds, warmup)
@@ -506,8 +552,12 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(mem, str):
                 print(f"[{key}] {mem}")
             results["memory"][key] = mem
-        methods = {r["method"] for m in results["memory"].values() if isinstance(m, dict)
-                   for r in m.values()}
+        methods = {
+            r["method"]
+            for m in results["memory"].values()
+            if isinstance(m, dict)
+            for r in m.values()
+        }
         print("peak-memory method:", ", ".join(sorted(methods)) or "-")
 
     print_table(results)
