@@ -155,24 +155,21 @@ def _neuronmap(w: Wrappers) -> Any:
     return w.get("neuronmap", load)
 
 
-def _nm_resid(w: Wrappers) -> Runner:
-    model = _neuronmap(w)
+def _nm_capture(capture: str) -> Callable[[Wrappers], Runner]:
+    def build(w: Wrappers) -> Runner:
+        model = _neuronmap(w)
 
-    def run(t: torch.Tensor) -> tuple[Any, Any]:
-        trace = model.run(t, capture="blocks.*.hook_resid_post")
-        return trace, trace
+        def run(t: torch.Tensor) -> tuple[Any, Any]:
+            trace = model.run(t, capture=capture)
+            return trace, trace
 
-    return run
+        return run
+
+    return build
 
 
-def _nm_all(w: Wrappers) -> Runner:
-    model = _neuronmap(w)
-
-    def run(t: torch.Tensor) -> tuple[Any, Any]:
-        trace = model.run(t, capture="*")
-        return trace, trace
-
-    return run
+_nm_resid = _nm_capture("blocks.*.hook_resid_post")
+_nm_all = _nm_capture("*")
 
 
 def _bridge(w: Wrappers) -> Any:

@@ -78,9 +78,31 @@ def main_output(output) -> torch.Tensor:
     return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
 
 
+def output_projection(model: torch.nn.Module, family: str, layer: int) -> torch.nn.Module:
+    """The module that maps a layer's per-head results (`hook_z`) back to the residual stream."""
+    base = model.base_model
+    if family == "gpt2":
+        return base.h[layer].attn.c_proj
+    if family.startswith("gpt_neox"):
+        return base.layers[layer].attention.dense
+    if family in ENCODERS:
+        return base.encoder.layer[layer].attention.output.dense
+    return base.layers[layer].self_attn.o_proj
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return word_tokenizer()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def hf_model(family):
+    return make_model(family)
 
 
 def bare(model: torch.nn.Module, *args, **kwargs):

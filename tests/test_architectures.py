@@ -8,19 +8,9 @@ import pytest
 import torch
 
 import neuronmap as nm
-from conftest import ENCODERS, FAMILIES, PRE_LN, ROTARY, bare, eager_copy, main_output, make_model, tokens
+from conftest import ENCODERS, PRE_LN, ROTARY, bare, eager_copy, main_output, make_model, output_projection, tokens
 
 N_LAYERS = 2
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def hf_model(family):
-    return make_model(family)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +116,10 @@ def test_scores_are_scaled_q_dot_k_after_positions(hf_model, full_trace, family)
 
 def test_attn_out_is_z_through_the_output_projection(hf_model, full_trace, family):
     for layer in range(N_LAYERS):
-        weight, bias = _output_projection(hf_model, family, layer)  # weight: [n_heads * d_head, d_model]
+        projection = output_projection(hf_model, family, layer)
+        # weight as [n_heads * d_head, d_model]: GPT-2's Conv1D stores it that way round, nn.Linear transposed
+        weight = projection.weight if family == "gpt2" else projection.weight.T
+        bias = projection.bias
         z = full_trace[f"blocks.{layer}.attn.hook_z"]
         per_head = weight.unflatten(0, (z.shape[2], z.shape[3]))
         expected = torch.einsum("bphd,hdm->bpm", z, per_head) + (0 if bias is None else bias)
@@ -161,20 +154,6 @@ def test_capturing_the_pattern_of_an_sdpa_model_does_not_change_its_attention_se
     before = hf_model.config._attn_implementation
     model.run(tokens(), capture="blocks.0.attn.hook_pattern")
     assert hf_model.config._attn_implementation == before == "sdpa"
-
-
-def _output_projection(model, family, layer):
-    base = model.base_model
-    if family == "gpt2":
-        projection = base.h[layer].attn.c_proj
-        return projection.weight, projection.bias  # Conv1D stores [in, out]
-    if family.startswith("gpt_neox"):
-        projection = base.layers[layer].attention.dense
-    elif family in ENCODERS:
-        projection = base.encoder.layer[layer].attention.output.dense
-    else:
-        projection = base.layers[layer].self_attn.o_proj
-    return projection.weight.T, projection.bias
 
 
 def _rotate(model, family, q, k):

@@ -6,30 +6,9 @@ import pytest
 import torch
 
 import neuronmap as nm
-from conftest import ENCODERS, FAMILIES, bare, main_output, make_model, tokens
+from conftest import ENCODERS, FAMILIES, bare, main_output, make_model, output_projection, tokens
 
 LAYER, HEAD = 1, 2
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def hf_model(family):
-    return make_model(family)
-
-
-def _output_projection(model, family, layer):
-    base = model.base_model
-    if family == "gpt2":
-        return base.h[layer].attn.c_proj
-    if family.startswith("gpt_neox"):
-        return base.layers[layer].attention.dense
-    if family in ENCODERS:
-        return base.encoder.layer[layer].attention.output.dense
-    return base.layers[layer].self_attn.o_proj
 
 
 def test_zeroing_a_head_in_hook_z_equals_zeroing_its_slice_of_the_output_projection_input(hf_model, family):
@@ -40,7 +19,7 @@ def test_zeroing_a_head_in_hook_z_equals_zeroing_its_slice_of_the_output_project
         features[..., HEAD * d_head : (HEAD + 1) * d_head] = 0
         return (features,)
 
-    handle = _output_projection(hf_model, family, LAYER).register_forward_pre_hook(zero_slice)
+    handle = output_projection(hf_model, family, LAYER).register_forward_pre_hook(zero_slice)
     try:
         with torch.no_grad():
             expected = main_output(bare(hf_model, tokens()))
