@@ -120,6 +120,8 @@ def is_neuronmap_hook(fn: Callable) -> bool:
 def _output_hook(point: HookPoint, action: Action) -> Callable:
     def hook(module: nn.Module, args: tuple, output: Any) -> Any:
         tensor = output[0] if isinstance(output, tuple) else output
+        if not isinstance(tensor, torch.Tensor):
+            raise InterventionError(f"hook point {point.name!r} outputs a {type(tensor).__name__}, not a tensor")
         replacement = action(point.read(tensor))
         if replacement is None:
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,3 +42,20 @@ def test_a_module_taking_token_ids_gets_them_unchanged():
     trace = nm.load(net).run(ids, capture="0")
     assert torch.equal(trace["0"], net[0].weight[ids])
     assert torch.equal(trace.tokens, ids)
+
+
+def test_a_module_whose_output_is_not_a_tensor_is_a_clear_error():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return {"double": 2 * x}
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair = Pair()
+
+        def forward(self, x):
+            return self.pair(x)["double"]
+
+    with pytest.raises(nm.InterventionError, match="'pair' outputs a dict, not a tensor"):
+        nm.load(Net()).run(torch.ones(2), capture="pair")
