@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_list_names_every_entry_and_renders_escaped():
     table = zoo.list()
-    assert table.names == ["ioi", "modadd", "minilm"]
+    assert table.names == ["induction-2l", "ioi", "modadd", "minilm"]
     assert "\n" not in repr(table)
     html = table._repr_html_()
-    assert html.count("<tr>") == 4 and "<script" not in html
+    assert html.count("<tr>") == 5 and "<script" not in html
 
 
 @pytest.mark.parametrize("name", list(zoo.TRAINED))
@@ -42,7 +42,7 @@ def test_the_shipped_weights_fit_the_budget():
 
 
 def test_an_unknown_name_lists_the_available_ones():
-    with pytest.raises(nm.LoadError, match=r"unknown zoo model 'iio'; did you mean 'ioi'\?.*ioi, modadd, minilm"):
+    with pytest.raises(nm.LoadError, match=r"unknown zoo model 'iio'; did you mean 'ioi'\?.*induction-2l, ioi, modadd, minilm"):
         zoo.load("iio")
 
 

