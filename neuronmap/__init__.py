@@ -5,6 +5,7 @@ The public API is re-exported here; everything else is private to its module. He
 """
 
 from . import zoo
+from .attention import SCORES, AttentionPatterns, HeadScores, attention, head_scores, repeated_random_tokens
 from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError
 from .hooks import HookPoint
 from .model import Model, load
@@ -13,6 +14,9 @@ from .trace import Trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "SCORES",
+    "AttentionPatterns",
+    "HeadScores",
     "HookNameError",
     "HookPoint",
     "InputError",
@@ -21,6 +25,9 @@ __all__ = [
     "Model",
     "NeuronMapError",
     "Trace",
+    "attention",
+    "head_scores",
     "load",
+    "repeated_random_tokens",
     "zoo",
 ]

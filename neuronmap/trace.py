@@ -66,6 +66,12 @@ class Trace(Renders):
     def items(self) -> list[tuple[str, torch.Tensor]]:
         return list(self._activations.items())
 
+    def attention(self, layers: list[int] | None = None):
+        """The captured attention patterns (`blocks.*.attn.hook_pattern`) as an `AttentionPatterns` view."""
+        from .attention import AttentionPatterns
+
+        return AttentionPatterns.from_trace(self, layers)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the captured activations."""

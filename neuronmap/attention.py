@@ -1,0 +1,347 @@
+"""Attention patterns and head scores: what each head attends to, and which heads do a known job.
+
+`AttentionPatterns` holds `hook_pattern` for some layers of one run, with each prompt's string tokens; it renders
+as the attention viewer (static HTML everywhere, a live widget in a kernel). `HeadScores` measures every head
+of every layer against one documented definition (`SCORES`) and renders as a layer × head heatmap.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .display import Renders, escape, format_bytes
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .model import Model
+    from .trace import Trace
+
+SCORES: dict[str, str] = {
+    "previous_token": "mean attention from each token to the token just before it",
+    "induction": (
+        "mean attention from a token to the tokens that followed its earlier occurrences (summed over them), over "
+        "tokens that occurred before; on the standard input, a random sequence repeated twice"
+    ),
+    "duplicate_token": (
+        "mean attention from a token to its own earlier occurrences (summed over them), over tokens that occurred before"
+    ),
+    "first_token": "mean attention from each token to the prompt's first token (e.g. BOS or [CLS])",
+    "distance": "mean distance, in tokens, between a token and what it attends to (attention-weighted)",
+    "entropy": "mean entropy, in nats, of each token's attention distribution",
+}
+"""Every head score NeuronMap computes, by name, with its definition.
+
+All of them are averaged over every query token that has at least one token before it (the first token is
+skipped: its attention is trivial in a causal model), pooled over the prompts, padding excluded.
+"""
+
+_PATTERN = re.compile(r"^blocks\.(\d+)\.attn\.hook_pattern$")
+
+
+class AttentionPatterns(Renders):
+    """Attention probabilities `[prompt, head, query, key]` for some layers of one run, with string tokens.
+
+    `patterns[layer]` is the layer's whole tensor; `patterns[layer, head]` is `[prompt, query, key]`;
+    `patterns[layer, head, prompt]` is one prompt's `[query, key]` with padding removed. `.to_numpy()` stacks
+    every layer. Scores: `.head_scores("previous_token")`.
+    """
+
+    def __init__(
+        self,
+        patterns: dict[int, torch.Tensor],
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        str_tokens: list[list[str]],
+        model_name: str = "model",
+    ):
+        if not patterns:
+            raise InputError("no attention patterns given")
+        self._patterns = dict(sorted(patterns.items()))
+        self.tokens = tokens
+        self.attention_mask = attention_mask
+        self.str_tokens = str_tokens
+        self.model_name = model_name
+
+    @classmethod
+    def from_trace(cls, trace: Trace, layers: Sequence[int] | None = None) -> AttentionPatterns:
+        """The patterns a trace captured (`capture="blocks.*.attn.hook_pattern"`), optionally only some layers."""
+        found = {int(m.group(1)): trace[name] for name in trace if (m := _PATTERN.match(name))}
+        if not found:
+            raise InputError(
+                "this trace holds no attention patterns: run with capture='blocks.*.attn.hook_pattern' "
+                "(or use neuronmap.attention(model, inputs))"
+            )
+        if layers is not None:
+            missing = [layer for layer in layers if layer not in found]
+            if missing:
+                raise InputError(f"layers {missing} were not captured; captured: {sorted(found)}")
+            found = {layer: found[layer] for layer in layers}
+        return cls(found, trace.tokens, trace.attention_mask, trace.str_tokens, trace.model_name)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self._patterns)
+
+    @property
+    def n_heads(self) -> int:
+        return next(iter(self._patterns.values())).shape[1]
+
+    @property
+    def n_prompts(self) -> int:
+        return self.tokens.shape[0]
+
+    def __getitem__(self, key: int | tuple) -> torch.Tensor:
+        key = key if isinstance(key, tuple) else (key,)
+        if not 1 <= len(key) <= 3:
+            raise InputError("index attention patterns as [layer], [layer, head] or [layer, head, prompt]")
+        layer = key[0]
+        if layer not in self._patterns:
+            raise InputError(f"layer {layer} is not in these patterns; layers: {self.layers}")
+        pattern = self._patterns[layer]
+        if len(key) == 1:
+            return pattern
+        head = key[1]
+        if not isinstance(head, int) or not -self.n_heads <= head < self.n_heads:
+            raise InputError(f"head {head!r} out of range: there are {self.n_heads} heads")
+        if len(key) == 2:
+            return pattern[:, head]
+        return self.pattern(layer, head, key[2])
+
+    def pattern(self, layer: int, head: int, prompt: int = 0) -> torch.Tensor:
+        """One head's `[query, key]` pattern for one prompt, padding removed."""
+        if not isinstance(prompt, int) or not -self.n_prompts <= prompt < self.n_prompts:
+            raise InputError(f"prompt {prompt!r} out of range: there are {self.n_prompts} prompts")
+        real = self.attention_mask[prompt].bool()
+        return self[layer, head][prompt][real][:, real]
+
+    def prompt_patterns(self, prompt: int) -> torch.Tensor:
+        """Every layer's patterns for one prompt, `[layer, head, query, key]`, padding removed."""
+        real = self.attention_mask[prompt].bool()
+        return torch.stack([p[prompt][:, real][:, :, real] for p in self._patterns.values()])
+
+    def to_numpy(self) -> np.ndarray:
+        """Every layer stacked: `[layer, prompt, head, query, key]` (float32; padded positions hold zeros)."""
+        return torch.stack([p.detach().float().cpu() for p in self._patterns.values()]).numpy()
+
+    def head_scores(self, kind: str) -> HeadScores:
+        """Score every head of these layers by one of `SCORES` (see there for the definitions)."""
+        return HeadScores(kind, _score(self, kind), self.layers, self.model_name, self.tokens.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._patterns.values())
+
+    def __repr__(self) -> str:
+        return (
+            f"AttentionPatterns({self.model_name!r}, {len(self.layers)} layers × {self.n_heads} heads, "
+            f"{self.n_prompts} prompts × {self.tokens.shape[1]} tokens, {format_bytes(self.nbytes)})"
+        )
+
+    def _repr_html_(self) -> str:
+        from .attention_view import static_html
+
+        return static_html(self)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        from .widget import mimebundle
+
+        return mimebundle(self, self.widget)
+
+    def widget(self, layer: int | None = None, heads: Sequence[int] = (0,), prompt: int = 0):
+        """The live viewer (an anywidget): choose layer, heads and prompt; hover or click tokens."""
+        from .attention_view import AttentionWidget
+
+        return AttentionWidget(self, layer=self.layers[0] if layer is None else layer, heads=heads, prompt=prompt)
+
+
+class HeadScores(Renders):
+    """One score for every head: `.values[i, head]` for `.layers[i]`; `.top(k)`; a heatmap as its view."""
+
+    def __init__(self, kind: str, values: torch.Tensor, layers: Sequence[int], model_name: str, input_shape: Sequence[int]):
+        self.kind = kind
+        self.definition = SCORES[kind]
+        self.values = values
+        self.layers = list(layers)
+        self.model_name = model_name
+        self.input_shape = tuple(input_shape)
+
+    def __getitem__(self, layer_head: tuple[int, int]) -> float:
+        layer, head = layer_head
+        if layer not in self.layers:
+            raise InputError(f"layer {layer} was not scored; layers: {self.layers}")
+        return float(self.values[self.layers.index(layer), head])
+
+    def top(self, k: int = 5) -> list[tuple[int, int, float]]:
+        """The `k` highest-scoring heads as `(layer, head, score)`, best first (for `distance`/`entropy`: largest)."""
+        flat = self.values.flatten()
+        order = torch.argsort(flat, descending=True, stable=True)[:k]
+        n_heads = self.values.shape[1]
+        return [(self.layers[int(i) // n_heads], int(i) % n_heads, float(flat[i])) for i in order]
+
+    def to_numpy(self) -> np.ndarray:
+        return self.values.numpy()
+
+    def figure(self):
+        """A plotly heatmap, layers down and heads across."""
+        import plotly.graph_objects as go
+
+        figure = go.Figure(
+            go.Heatmap(
+                z=self.values.numpy(),
+                x=list(range(self.values.shape[1])),
+                y=self.layers,
+                colorscale="Blues",
+                hovertemplate="layer %{y}, head %{x}: %{z:.3f}<extra></extra>",
+            )
+        )
+        figure.update_layout(
+            title=f"{self.kind} score — {self.model_name}",
+            xaxis_title="head",
+            yaxis_title="layer",
+            yaxis_autorange="reversed",
+            width=120 + 40 * self.values.shape[1],
+            height=160 + 32 * len(self.layers),
+        )
+        return figure
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"{layer}.{head} {score:.2f}" for layer, head, score in self.top(3))
+        return (
+            f"HeadScores({self.kind!r}, {self.model_name!r}, {len(self.layers)} layers × {self.values.shape[1]} heads; "
+            f"top: {best})"
+        )
+
+    def _repr_html_(self) -> str:
+        low, high = float(self.values.min()), float(self.values.max())
+        span = high - low or 1.0
+        header = "".join(f"<th>{head}</th>" for head in range(self.values.shape[1]))
+        rows = []
+        for layer, row in zip(self.layers, self.values.tolist()):
+            cells = "".join(
+                f'<td style="background:rgba(33,102,172,{(value - low) / span:.3f});'
+                f'color:{"#fff" if (value - low) / span > 0.6 else "#222"}" title="layer {layer}, head {head}">'
+                f"{value:.2f}</td>"
+                for head, value in enumerate(row)
+            )
+            rows.append(f"<tr><th>{layer}</th>{cells}</tr>")
+        return (
+            '<div class="nm-scores" style="font:12px ui-monospace,Menlo,Consolas,monospace">'
+            f"<div><b>{escape(self.kind)}</b> score per head — {escape(self.model_name)}</div>"
+            f'<div style="color:#666">{escape(self.definition)}</div>'
+            '<table style="border-collapse:collapse;margin-top:4px"><thead><tr><th>layer \\ head</th>'
+            f"{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        )
+
+
+def attention(
+    model: Model, inputs: Any, *, layers: Sequence[int] | None = None, attention_mask: torch.Tensor | None = None
+) -> AttentionPatterns:
+    """Run `model` on `inputs` and return the attention patterns of `layers` (all by default)."""
+    names = "blocks.*.attn.hook_pattern" if layers is None else [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    trace = model.run(inputs, capture=names, attention_mask=attention_mask, capture_device="cpu")
+    return AttentionPatterns.from_trace(trace)
+
+
+def head_scores(
+    model: Model,
+    kind: str,
+    inputs: Any = None,
+    *,
+    length: int | None = None,
+    batch: int = 8,
+    seed: int = 0,
+) -> HeadScores:
+    """Score every head of `model` by `kind` (one of `SCORES`).
+
+    With `inputs=None` the scores are measured on the standard construction: `batch` sequences of a start token
+    and `length` random tokens repeated twice (drawn from `seed`), on which a previous-token head attends one
+    back and an induction head attends to the token after the current token's first copy.
+    """
+    _check_kind(kind)
+    if inputs is None:
+        inputs = repeated_random_tokens(model, length=length, batch=batch, seed=seed)
+    return attention(model, inputs).head_scores(kind)
+
+
+def repeated_random_tokens(model: Model, *, length: int | None = None, batch: int = 8, seed: int = 0) -> torch.Tensor:
+    """`[batch, 1 + 2 * length]` token ids: a start token, then `length` random non-special tokens, twice."""
+    config = getattr(model.module, "config", None)
+    if config is None:
+        raise InputError("repeated_random_tokens needs a Hugging Face model (it reads the vocabulary size)")
+    limit = model._max_length or 1025
+    length = min(50, (limit - 1) // 2) if length is None else length
+    if length < 1 or 1 + 2 * length > limit:
+        raise InputError(f"length must be between 1 and {(limit - 1) // 2} for this model, got {length}")
+    special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
+    candidates = torch.tensor([i for i in range(config.vocab_size) if i not in special])
+    generator = torch.Generator().manual_seed(seed)
+    segment = candidates[torch.randint(len(candidates), (batch, length), generator=generator)]
+    start = _start_token(model)
+    return torch.cat([torch.full((batch, 1), start), segment, segment], dim=1)
+
+
+def _start_token(model: Model) -> int:
+    tokenizer, config = model.tokenizer, model.module.config
+    for source in (tokenizer, config):
+        for attribute in ("bos_token_id", "cls_token_id"):
+            value = getattr(source, attribute, None)
+            if isinstance(value, int):
+                return value
+    return 0
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SCORES:
+        import difflib
+
+        close = difflib.get_close_matches(kind, SCORES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"unknown head score {kind!r}{hint} Available: {', '.join(SCORES)}")
+
+
+def _score(patterns: AttentionPatterns, kind: str) -> torch.Tensor:
+    """`[layer, head]` scores pooled over every qualifying query of every prompt (see `SCORES`)."""
+    _check_kind(kind)
+    total, count = 0.0, 0
+    for prompt in range(patterns.n_prompts):
+        pattern = patterns.prompt_patterns(prompt).float()  # [layer, head, n, n]
+        tokens = patterns.tokens[prompt][patterns.attention_mask[prompt].bool()].cpu()
+        n = tokens.shape[0]
+        if kind == "entropy":
+            rows = pattern[:, :, 1:]
+            total = total + -(rows * torch.log(rows.clamp_min(1e-30))).sum(-1).sum(-1)
+            count += n - 1
+            continue
+        weights = _key_weights(kind, tokens)  # [n, n]
+        queries = weights.sum(-1) > 0 if kind in ("induction", "duplicate_token") else torch.arange(n) >= 1
+        total = total + (pattern[:, :, queries] * weights[queries]).sum(dim=(-1, -2))
+        count += int(queries.sum())
+    if count == 0:
+        raise InputError(
+            f"no token in these prompts qualifies for the {kind!r} score (it needs tokens that occurred before); "
+            "use neuronmap.head_scores(model, kind) for the standard repeated-random-token input"
+        )
+    return total / count
+
+
+def _key_weights(kind: str, tokens: torch.Tensor) -> torch.Tensor:
+    """For each query row, the weight each key gets in the score (see `SCORES`)."""
+    n = tokens.shape[0]
+    query, key = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    if kind == "previous_token":
+        return (key == query - 1).float()
+    if kind == "first_token":
+        return (key == 0).expand(n, n).float()
+    if kind == "distance":
+        return (query - key).abs().float()
+    earlier = key < query
+    if kind == "duplicate_token":
+        return (earlier & (tokens[None, :] == tokens[:, None])).float()
+    # induction: key j follows an earlier copy of the query's token (tokens[j - 1] == tokens[i], 1 <= j < i)
+    before_key = torch.cat([tokens.new_full((1,), -1), tokens[:-1]])
+    return (earlier & (key >= 1) & (before_key[None, :] == tokens[:, None])).float()

@@ -1,0 +1,361 @@
+// NeuronMap attention viewer. One module renders both views: the live anywidget view (model = the widget's
+// model) and the static HTML view (model = staticModel(data), backed by data embedded in the page).
+//
+// Model fields: layers (layer indices available), n_heads, layer, heads (selected), prompt, n_prompts,
+// tokens (the prompt's tokens, as text), n_total (tokens before any truncation), thumb_size, note,
+// thumbs (uint8 [layers, heads, T, T] thumbnails, max-pooled), detail (zlib-deflated uint8 [heads, n, n]
+// patterns of one layer and prompt, value = round(255 * p)), detail_key ("layer:prompt" of detail).
+// Every token reaches the page through textContent, never as markup.
+
+const PALETTE = [
+  [31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189], [255, 127, 14],
+  [23, 190, 207], [227, 119, 194], [140, 86, 75], [188, 189, 34], [127, 127, 127],
+];
+
+function headColour(head) {
+  return PALETTE[head % PALETTE.length];
+}
+
+function asBytes(view) {
+  if (!view) return new Uint8Array(0);
+  if (view instanceof Uint8Array) return view;
+  if (view instanceof ArrayBuffer) return new Uint8Array(view);
+  return new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+}
+
+async function inflate(view) {
+  const stream = new Blob([asBytes(view)]).stream().pipeThrough(new DecompressionStream("deflate"));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+function node(tag, className, text) {
+  const element = document.createElement(tag);
+  if (className) element.className = className;
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+function shown(token) {
+  return token.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
+}
+
+// Overlay: white minus each selected head's colour in proportion to its weight.
+function mix(weights, heads) {
+  let r = 255, g = 255, b = 255;
+  heads.forEach((head, k) => {
+    const w = weights[k];
+    const [cr, cg, cb] = headColour(head);
+    r -= w * (255 - cr);
+    g -= w * (255 - cg);
+    b -= w * (255 - cb);
+  });
+  return [Math.max(0, r), Math.max(0, g), Math.max(0, b)];
+}
+
+function render({ model, el }) {
+  el.classList.add("nm-attn");
+  const state = { detail: null, key: null, n: 0, focus: null, pinned: false, mode: "from", disposed: false };
+
+  const bar = node("div", "nm-bar");
+  const layerLabel = node("label", null, "layer ");
+  const layerSelect = node("select", "nm-layer");
+  layerLabel.append(layerSelect);
+  const promptLabel = node("label", null, " prompt ");
+  const promptSelect = node("select", "nm-prompt");
+  promptLabel.append(promptSelect);
+  const modeButton = node("button", "nm-mode");
+  modeButton.type = "button";
+  bar.append(layerLabel, promptLabel, modeButton);
+  const grid = node("div", "nm-grid");
+  const body = node("div", "nm-body");
+  const matrixBox = node("div", "nm-matrix");
+  const canvas = node("canvas");
+  const crosshair = node("div", "nm-crosshair");
+  matrixBox.append(canvas, crosshair);
+  const side = node("div", "nm-side");
+  const info = node("div", "nm-info", "hover a token or a cell");
+  const tokenBox = node("div", "nm-tokens");
+  side.append(info, tokenBox);
+  body.append(matrixBox, side);
+  const note = node("div", "nm-note");
+  el.append(bar, grid, body, note);
+
+  const selected = () => model.get("heads").slice();
+  const wantedKey = () => `${model.get("layer")}:${model.get("prompt")}`;
+
+  function fillControls() {
+    layerSelect.replaceChildren(...model.get("layers").map((layer) => {
+      const option = node("option", null, String(layer));
+      option.value = String(layer);
+      return option;
+    }));
+    layerSelect.value = String(model.get("layer"));
+    const prompts = model.get("n_prompts");
+    promptLabel.style.display = prompts > 1 ? "" : "none";
+    promptSelect.replaceChildren(...Array.from({ length: prompts }, (_, i) => {
+      const option = node("option", null, String(i));
+      option.value = String(i);
+      return option;
+    }));
+    promptSelect.value = String(model.get("prompt"));
+    modeButton.textContent = state.mode === "from" ? "showing: attention from the token" : "showing: attention to the token";
+    note.textContent = model.get("note");
+  }
+
+  function drawThumbs() {
+    const heads = model.get("n_heads");
+    const size = model.get("thumb_size");
+    const thumbs = asBytes(model.get("thumbs"));
+    const index = model.get("layers").indexOf(model.get("layer"));
+    const chosen = selected();
+    const cells = [];
+    for (let head = 0; head < heads; head++) {
+      const cell = node("div", "nm-head");
+      cell.dataset.head = String(head);
+      const thumb = node("canvas");
+      thumb.width = size;
+      thumb.height = size;
+      const context = thumb.getContext("2d");
+      const image = context.createImageData(size, size);
+      const offset = (index * heads + head) * size * size;
+      const [cr, cg, cb] = headColour(head);
+      for (let p = 0; p < size * size; p++) {
+        const w = (thumbs[offset + p] || 0) / 255;
+        image.data[4 * p] = 255 - w * (255 - cr);
+        image.data[4 * p + 1] = 255 - w * (255 - cg);
+        image.data[4 * p + 2] = 255 - w * (255 - cb);
+        image.data[4 * p + 3] = 255;
+      }
+      context.putImageData(image, 0, 0);
+      const label = node("span", null, `head ${head}`);
+      cell.append(thumb, label);
+      if (chosen.includes(head)) {
+        cell.classList.add("nm-selected");
+        cell.style.borderColor = `rgb(${headColour(head).join(",")})`;
+      }
+      cell.addEventListener("click", () => {
+        const heads = selected();
+        const at = heads.indexOf(head);
+        if (at >= 0) heads.splice(at, 1);
+        else heads.push(head);
+        heads.sort((a, b) => a - b);
+        model.set("heads", heads);
+        model.save_changes();
+        drawThumbs();
+        drawMatrix();
+        paintTokens();
+      });
+      cells.push(cell);
+    }
+    grid.replaceChildren(...cells);
+  }
+
+  function drawTokens() {
+    tokenBox.replaceChildren(...model.get("tokens").map((token, i) => {
+      const span = node("span", "nm-token", shown(token));
+      span.dataset.index = String(i);
+      span.title = `${i}: ${token}`;
+      return span;
+    }));
+  }
+
+  function weightsAt(i, j) {
+    const n = state.n;
+    return selected().map((head) => state.detail[head * n * n + i * n + j] / 255);
+  }
+
+  function drawMatrix() {
+    if (!state.detail || state.key !== wantedKey()) {
+      matrixBox.classList.add("nm-loading");
+      return;
+    }
+    matrixBox.classList.remove("nm-loading");
+    const n = state.n;
+    const heads = selected();
+    canvas.width = n;
+    canvas.height = n;
+    const context = canvas.getContext("2d");
+    const image = context.createImageData(n, n);
+    const pixels = image.data;
+    pixels.fill(255);
+    for (const head of heads) {
+      const [cr, cg, cb] = headColour(head);
+      const base = head * n * n;
+      for (let p = 0; p < n * n; p++) {
+        const value = state.detail[base + p];
+        if (value === 0) continue;
+        const w = value / 255;
+        pixels[4 * p] -= w * (255 - cr);
+        pixels[4 * p + 1] -= w * (255 - cg);
+        pixels[4 * p + 2] -= w * (255 - cb);
+      }
+    }
+    context.putImageData(image, 0, 0);
+    const side = Math.min(Math.max(n * 6, 160), 440);
+    canvas.style.width = `${side}px`;
+    canvas.style.height = `${side}px`;
+    placeCrosshair();
+  }
+
+  function placeCrosshair() {
+    if (state.focus === null || !state.n) {
+      crosshair.style.display = "none";
+      return;
+    }
+    const cell = 100 / state.n;
+    crosshair.style.display = "block";
+    if (state.mode === "from") {
+      Object.assign(crosshair.style, { top: `${state.focus * cell}%`, left: "0", width: "100%", height: `${cell}%` });
+    } else {
+      Object.assign(crosshair.style, { left: `${state.focus * cell}%`, top: "0", height: "100%", width: `${cell}%` });
+    }
+  }
+
+  function paintTokens() {
+    const spans = tokenBox.children;
+    const ready = state.detail && state.key === wantedKey();
+    const heads = selected();
+    for (let j = 0; j < spans.length; j++) {
+      const span = spans[j];
+      span.classList.toggle("nm-focus", j === state.focus);
+      if (!ready || state.focus === null || j >= state.n || heads.length === 0) {
+        span.style.background = "";
+        delete span.dataset.weight;
+        continue;
+      }
+      const weights = state.mode === "from" ? weightsAt(state.focus, j) : weightsAt(j, state.focus);
+      const [r, g, b] = mix(weights, heads);
+      span.style.background = `rgb(${r | 0},${g | 0},${b | 0})`;
+      span.dataset.weight = Math.max(...weights).toFixed(3);
+    }
+    placeCrosshair();
+    if (ready && state.focus !== null && state.focus < state.n) {
+      const tokens = model.get("tokens");
+      const verb = state.mode === "from" ? "attends to" : "is attended by";
+      info.textContent = `token ${state.focus} \u201c${shown(tokens[state.focus])}\u201d ${verb} (colour per head)`;
+    }
+  }
+
+  function focus(index, pin) {
+    if (pin) {
+      state.pinned = !(state.pinned && state.focus === index);
+      state.focus = state.pinned ? index : null;
+    } else if (!state.pinned) {
+      state.focus = index;
+    }
+    paintTokens();
+  }
+
+  tokenBox.addEventListener("mouseover", (event) => {
+    const span = event.target.closest(".nm-token");
+    if (span) focus(Number(span.dataset.index), false);
+  });
+  tokenBox.addEventListener("mouseleave", () => focus(null, false));
+  tokenBox.addEventListener("click", (event) => {
+    const span = event.target.closest(".nm-token");
+    if (span) focus(Number(span.dataset.index), true);
+  });
+  canvas.addEventListener("mousemove", (event) => {
+    if (!state.detail || !state.n) return;
+    const box = canvas.getBoundingClientRect();
+    const i = Math.min(state.n - 1, Math.floor(((event.clientY - box.top) / box.height) * state.n));
+    const j = Math.min(state.n - 1, Math.floor(((event.clientX - box.left) / box.width) * state.n));
+    const tokens = model.get("tokens");
+    const values = selected().map((head, k) => `head ${head}: ${weightsAt(i, j)[k].toFixed(3)}`).join(" \u00b7 ");
+    info.textContent = `${i} \u201c${shown(tokens[i])}\u201d \u2192 ${j} \u201c${shown(tokens[j])}\u201d  ${values}`;
+  });
+  layerSelect.addEventListener("change", () => {
+    model.set("layer", Number(layerSelect.value));
+    model.save_changes();
+    drawThumbs();
+    drawMatrix();
+    paintTokens();
+  });
+  promptSelect.addEventListener("change", () => {
+    model.set("prompt", Number(promptSelect.value));
+    model.save_changes();
+    state.focus = null;
+    state.pinned = false;
+    drawMatrix();
+  });
+  modeButton.addEventListener("click", () => {
+    state.mode = state.mode === "from" ? "to" : "from";
+    fillControls();
+    paintTokens();
+  });
+
+  async function loadDetail() {
+    const key = model.get("detail_key");
+    const bytes = await inflate(model.get("detail"));
+    if (state.disposed || key !== model.get("detail_key")) return;
+    state.detail = bytes;
+    state.key = key;
+    const heads = model.get("n_heads");
+    state.n = Math.round(Math.sqrt(bytes.length / heads));
+    drawMatrix();
+    paintTokens();
+    el.dataset.ready = key;
+  }
+
+  const onDetail = () => { loadDetail(); };
+  const onTokens = () => { drawTokens(); paintTokens(); };
+  const onThumbs = () => drawThumbs();
+  const onControls = () => fillControls();
+  model.on("change:detail", onDetail);
+  model.on("change:tokens", onTokens);
+  model.on("change:thumbs", onThumbs);
+  model.on("change:layer", onControls);
+  model.on("change:prompt", onControls);
+  model.on("change:note", onControls);
+
+  fillControls();
+  drawThumbs();
+  drawTokens();
+  drawMatrix();
+  loadDetail();
+  return () => {
+    state.disposed = true;
+    model.off("change:detail", onDetail);
+    model.off("change:tokens", onTokens);
+    model.off("change:thumbs", onThumbs);
+    model.off("change:layer", onControls);
+    model.off("change:prompt", onControls);
+    model.off("change:note", onControls);
+  };
+}
+
+// The static view's stand-in for the widget model: the same get/set/save_changes/on, backed by embedded data
+// (base64 strings; `details` holds one deflated pattern block per embedded layer).
+function staticModel(data) {
+  const decode = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  const state = Object.assign({}, data, { thumbs: decode(data.thumbs) });
+  delete state.details;
+  const listeners = {};
+  const changed = new Set();
+  const load = () => {
+    state.detail = decode(data.details[String(state.layer)]);
+    state.detail_key = `${state.layer}:${state.prompt}`;
+    changed.add("detail");
+  };
+  load();
+  changed.clear();
+  return {
+    get: (key) => state[key],
+    set: (key, value) => {
+      state[key] = value;
+      changed.add(key);
+      if (key === "layer") load();
+    },
+    save_changes: () => {
+      const keys = [...changed];
+      changed.clear();
+      for (const key of keys) for (const callback of listeners[`change:${key}`] || []) callback();
+    },
+    on: (event, callback) => { (listeners[event] = listeners[event] || []).push(callback); },
+    off: (event, callback) => {
+      listeners[event] = (listeners[event] || []).filter((c) => c !== callback);
+    },
+  };
+}
+
+export default { render };

