@@ -109,3 +109,43 @@ def bare(model: torch.nn.Module, *args, **kwargs):
     """The bare HF forward NeuronMap's runs are compared with: no KV cache (one analysis pass needs none)."""
     with torch.no_grad():
         return model(*args, use_cache=False, **kwargs)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium driven by Playwright (the README's test command installs both)."""
+    import os
+
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"browser tests need Chromium at {CHROMIUM}: apt-get install -y chromium")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that records script errors and refuses every request that leaves the machine."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.errors = []
+    page.external_requests = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+
+    def refuse(route):
+        page.external_requests.append(route.request.url)
+        route.abort()
+
+    page.route(lambda url: not url.startswith(("file:", "data:", "blob:", "about:", "http://127.0.0.1")), refuse)
+    yield page
+    context.close()
