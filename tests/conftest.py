@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +152,18 @@ def page(browser):
     page.route(lambda url: not url.startswith(("file:", "data:", "blob:", "about:", "http://127.0.0.1")), refuse)
     yield page
     context.close()
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory) -> Path:
+    """The wheel built from this checkout (`pip wheel .`), installed without dependencies into its own folder.
+
+    Run code against it with `PYTHONPATH=<folder>`: `neuronmap` then comes from the wheel, not the source tree.
+    """
+    root = Path(__file__).resolve().parent.parent
+    base = tmp_path_factory.mktemp("wheel")
+    wheels, target = base / "wheels", base / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(root)], check=True)
+    wheel = next(wheels.glob("neuronmap-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    return target

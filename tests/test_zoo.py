@@ -65,11 +65,8 @@ def test_minilm_without_its_extra_says_which_to_install(monkeypatch):
 
 
 @pytest.mark.slow
-def test_zoo_models_load_from_an_installed_wheel(tmp_path):
-    wheels, target = tmp_path / "wheels", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)], check=True)
-    wheel = next(wheels.glob("neuronmap-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+def test_zoo_models_load_from_an_installed_wheel(installed_wheel, tmp_path):
+    target = installed_wheel
     code = (
         "import neuronmap, sys; from neuronmap import zoo\n"
         f"assert neuronmap.__file__.startswith({str(target)!r}), neuronmap.__file__\n"
