@@ -5,7 +5,7 @@ The public API is re-exported here; everything else is private to its module. He
 """
 
 from . import zoo
-from .attention import SCORES, AttentionPatterns, HeadScores, attention, head_scores, repeated_random_tokens
+from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
 from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError
 from .hooks import HookPoint
 from .model import Model, load
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SCORES",
     "AttentionPatterns",
+    "AttentionView",
     "HeadScores",
     "HookNameError",
     "HookPoint",

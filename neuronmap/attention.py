@@ -143,20 +143,43 @@ class AttentionPatterns(Renders):
         )
 
     def _repr_html_(self) -> str:
-        from .attention_view import static_html
-
-        return static_html(self)
+        return self.view()._repr_html_()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
-        from .widget import mimebundle
+        return self.view()._repr_mimebundle_()
 
-        return mimebundle(self, self.widget)
+    def view(self, layer: int | None = None, heads: Sequence[int] = (0,), prompt: int = 0) -> AttentionView:
+        """The viewer opened on `layer`, `heads` and `prompt`: static HTML everywhere, a widget in a live kernel."""
+        return AttentionView(self, self.layers[0] if layer is None else layer, heads, prompt)
 
     def widget(self, layer: int | None = None, heads: Sequence[int] = (0,), prompt: int = 0):
         """The live viewer (an anywidget): choose layer, heads and prompt; hover or click tokens."""
         from .attention_view import AttentionWidget
 
         return AttentionWidget(self, layer=self.layers[0] if layer is None else layer, heads=heads, prompt=prompt)
+
+
+class AttentionView(Renders):
+    """What displaying `AttentionPatterns` shows: its static view, plus the live widget where a front end can run it."""
+
+    def __init__(self, patterns: AttentionPatterns, layer: int, heads: Sequence[int], prompt: int):
+        from .attention_view import check_view
+
+        check_view(patterns, layer, heads, prompt)
+        self.patterns, self.layer, self.heads, self.prompt = patterns, layer, sorted(heads), prompt
+
+    def __repr__(self) -> str:
+        return f"{self.patterns!r} — layer {self.layer}, heads {self.heads}, prompt {self.prompt}"
+
+    def _repr_html_(self) -> str:
+        from .attention_view import static_html
+
+        return static_html(self.patterns, prompt=self.prompt, layer=self.layer, heads=self.heads)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        from .widget import mimebundle
+
+        return mimebundle(self, lambda: self.patterns.widget(self.layer, self.heads, self.prompt))
 
 
 class HeadScores(Renders):

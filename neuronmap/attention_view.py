@@ -47,9 +47,21 @@ def thumbnails(patterns: AttentionPatterns, prompt: int, layers: Sequence[int], 
     return quantise(torch.stack(pooled)), size
 
 
-def static_html(patterns: AttentionPatterns, prompt: int = 0, layer: int | None = None) -> str:
+def check_view(patterns: AttentionPatterns, layer: int, heads: Sequence[int], prompt: int) -> None:
+    """Refuse a view of a layer, head or prompt that the patterns do not have, naming what they do have."""
+    if layer not in patterns.layers:
+        raise InputError(f"layer {layer} is not in these patterns; layers: {patterns.layers}")
+    bad = [head for head in heads if not 0 <= head < patterns.n_heads]
+    if bad:
+        raise InputError(f"heads {bad} out of range: there are {patterns.n_heads} heads")
+    if not 0 <= prompt < patterns.n_prompts:
+        raise InputError(f"prompt {prompt} out of range: there are {patterns.n_prompts} prompts")
+
+
+def static_html(patterns: AttentionPatterns, prompt: int = 0, layer: int | None = None, heads: Sequence[int] = (0,)) -> str:
     """The self-contained static view of one prompt: as many layers as fit, from `layer` (the first) on."""
     layer = patterns.layers[0] if layer is None else layer
+    check_view(patterns, layer, heads, prompt)
     tokens = _prompt_tokens(patterns, prompt)
     total = len(tokens)
     n = min(total, STATIC_MAX_TOKENS)
@@ -77,7 +89,7 @@ def static_html(patterns: AttentionPatterns, prompt: int = 0, layer: int | None 
         "layers": included,
         "n_heads": patterns.n_heads,
         "layer": layer,
-        "heads": [0],
+        "heads": sorted(heads),
         "prompt": 0,
         "n_prompts": 1,
         "tokens": tokens[:n],
@@ -101,8 +113,6 @@ def _fallback(patterns: AttentionPatterns, tokens: list[str], notes: list[str]) 
 
 
 def _prompt_tokens(patterns: AttentionPatterns, prompt: int) -> list[str]:
-    if not 0 <= prompt < patterns.n_prompts:
-        raise InputError(f"prompt {prompt} out of range: there are {patterns.n_prompts} prompts")
     return list(patterns.str_tokens[prompt])
 
 
@@ -132,11 +142,7 @@ def _widget_class():
         note = traitlets.Unicode().tag(sync=True)
 
         def __init__(self, patterns: AttentionPatterns, *, layer: int, heads: Sequence[int], prompt: int):
-            if layer not in patterns.layers:
-                raise InputError(f"layer {layer} is not in these patterns; layers: {patterns.layers}")
-            bad = [head for head in heads if not 0 <= head < patterns.n_heads]
-            if bad:
-                raise InputError(f"heads {bad} out of range: there are {patterns.n_heads} heads")
+            check_view(patterns, layer, heads, prompt)
             self._patterns = patterns
             super().__init__(
                 layers=patterns.layers,

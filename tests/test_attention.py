@@ -269,3 +269,15 @@ def test_the_widget_front_end_ships_with_the_package():
     assert script.rstrip().endswith("export default { render };") and ".nm-attn" in css
     assert "innerHTML" not in script and "fetch(" not in script and "http" not in script and "import " not in script
     assert (WIDGETS_DIR / "attention.js").exists()
+
+
+def test_a_view_opens_on_the_chosen_layer_heads_and_prompt():
+    patterns = synthetic(tokens=[[5, 6, 7, 5], [1, 2, 3, 4]])
+    data = _embedded(patterns.view(layer=1, heads=[2, 0], prompt=1)._repr_html_())
+    assert data["layer"] == 1 and data["heads"] == [0, 2] and data["tokens"] == ["t1", "t2", "t3", "t4"]
+    assert zlib.decompress(base64.b64decode(data["details"]["1"])) == (patterns[1][1] * 255).round().to(torch.uint8).numpy().tobytes()
+    assert "layer 1, heads [0, 2], prompt 1" in repr(patterns.view(layer=1, heads=[2, 0], prompt=1))
+    with pytest.raises(nm.InputError, match="heads \\[3\\] out of range: there are 3 heads"):
+        patterns.view(heads=[3])
+    with pytest.raises(nm.InputError, match="prompt 2 out of range"):
+        patterns.view(prompt=2)

@@ -6,6 +6,6 @@ Hugging Face modules rather than NeuronMap hook points), prints a ✓ or ✗ lin
 wrong, and returns True or False. No checker stores an expected answer.
 """
 
-from . import ch01
+from . import ch01, ch02
 
-__all__ = ["ch01"]
+__all__ = ["ch01", "ch02"]

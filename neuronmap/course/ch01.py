@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .feedback import failed, module_of, passed, zero_input_slice
+
 __all__ = ["check_most_important_head", "check_patched_similarity", "check_residual_sum"]
 
 
@@ -24,7 +26,7 @@ def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
     `model` is the NeuronMap model (or the bare `GPT2LMHeadModel`) and `tokens` the `[batch, pos]` ids that
     were run. The reference is the last block's output, read with a forward hook on that block.
     """
-    module = _module(model)
+    module = module_of(model)
     blocks = module.base_model.h
     tokens = torch.as_tensor(tokens)
     tokens = tokens.unsqueeze(0) if tokens.dim() == 1 else tokens
@@ -33,12 +35,12 @@ def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
     expected = seen["output"]
     last = f"blocks.{len(blocks) - 1}.hook_resid_post"
     if not isinstance(answer, torch.Tensor):
-        return _fail(f"the answer should be a tensor shaped like {last}, {list(expected.shape)}; got a {type(answer).__name__}")
+        return failed(f"the answer should be a tensor shaped like {last}, {list(expected.shape)}; got a {type(answer).__name__}")
     answer = answer.detach().to(expected.dtype)
     if answer.shape != expected.shape:
-        return _fail(f"the answer has shape {list(answer.shape)}, but {last} has shape {list(expected.shape)}")
+        return failed(f"the answer has shape {list(answer.shape)}, but {last} has shape {list(expected.shape)}")
     if torch.allclose(answer, expected, atol=1e-4, rtol=1e-4):
-        return _pass(
+        return passed(
             f"embeddings + positions + every attn_out + every mlp_out reproduce {last}: "
             f"a pre-LN residual stream is a plain sum"
         )
@@ -46,10 +48,10 @@ def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
         positions = module.base_model.wpe(torch.arange(tokens.shape[1]))
         normalized = module.base_model.ln_f(expected)
     if torch.allclose(answer + positions, expected, atol=1e-4, rtol=1e-4):
-        return _fail("the positional embeddings (hook_pos_embed) are missing from the sum")
+        return failed("the positional embeddings (hook_pos_embed) are missing from the sum")
     if torch.allclose(answer, normalized, atol=1e-4, rtol=1e-4):
-        return _fail(f"that is the final LayerNorm's output (ln_final.hook_normalized), not {last}")
-    return _fail(
+        return failed(f"that is the final LayerNorm's output (ln_final.hook_normalized), not {last}")
+    return failed(
         f"the sum differs from {last} by up to {_max_error(answer, expected):.3g}: add hook_embed, hook_pos_embed "
         f"and, for every block, hook_attn_out and hook_mlp_out (and nothing else)"
     )
@@ -61,7 +63,7 @@ def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str],
     The similarity is the cosine of the mean-pooled last hidden states; "most" means the largest absolute
     change. A head is ablated by zeroing its slice of the attention output projection's input (its `z`).
     """
-    module = _module(model)
+    module = module_of(model)
     encoded = _encode(model, sentences)
     config = module.config
     n_heads = config.num_attention_heads
@@ -70,15 +72,15 @@ def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str],
     base = _similarity(module, encoded)
     changes = []
     for head in range(n_heads):
-        with _zero_input_slice(projection, head * d_head, (head + 1) * d_head):
+        with zero_input_slice(projection, head * d_head, (head + 1) * d_head):
             changes.append(_similarity(module, encoded) - base)
     best = max(range(n_heads), key=lambda h: abs(changes[h]))
     if isinstance(answer, torch.Tensor) and answer.numel() == 1:
         answer = answer.item()
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < n_heads:
-        return _fail(f"the answer should be a head index, an int from 0 to {n_heads - 1}; got {answer!r}")
+        return failed(f"the answer should be a head index, an int from 0 to {n_heads - 1}; got {answer!r}")
     if math.isclose(abs(changes[answer]), abs(changes[best]), abs_tol=1e-6):
-        return _pass(
+        return passed(
             f"ablating head {answer} of layer {layer} changes the similarity by {changes[answer]:+.3f}, "
             f"the most of the layer's {n_heads} heads"
         )
@@ -86,7 +88,7 @@ def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str],
     signed = max(range(n_heads), key=lambda h: changes[h]), min(range(n_heads), key=lambda h: changes[h])
     if answer in signed:
         hint = " Compare absolute changes: a head matters whether it raises or lowers the similarity."
-    return _fail(
+    return failed(
         f"ablating head {answer} of layer {layer} changes the similarity by {changes[answer]:+.3f}, "
         f"but another head of that layer changes it by {changes[best]:+.3f}.{hint}"
     )
@@ -107,11 +109,11 @@ def check_patched_similarity(
     probe sentence's. `cases` are the (layer, position) pairs tried; by default the first and last layer at
     the first position where the two inputs differ, and a middle layer at position 0.
     """
-    module = _module(model)
+    module = module_of(model)
     layers = module.base_model.encoder.layer
     clean_ids, corrupted_ids = _encode(model, [clean]), _encode(model, [corrupted])
     if clean_ids["input_ids"].shape != corrupted_ids["input_ids"].shape:
-        return _fail("the clean and corrupted inputs must have the same number of tokens to patch position by position")
+        return failed("the clean and corrupted inputs must have the same number of tokens to patch position by position")
     differ = (clean_ids["input_ids"] != corrupted_ids["input_ids"])[0].nonzero().flatten().tolist()
     where = differ[0] if differ else 1
     cases = list(cases) if cases is not None else [(0, where), (len(layers) - 1, where), (len(layers) // 2, 0)]
@@ -131,7 +133,7 @@ def check_patched_similarity(
         if isinstance(got, torch.Tensor) and got.numel() == 1:
             got = got.item()
         if not isinstance(got, (int, float)):
-            return _fail(f"patched_similarity({layer}, {position}) should return a float; got a {type(got).__name__}")
+            return failed(f"patched_similarity({layer}, {position}) should return a float; got a {type(got).__name__}")
         if math.isclose(got, expected, abs_tol=1e-4):
             continue
         if math.isclose(got, unpatched, abs_tol=1e-4):
@@ -143,26 +145,12 @@ def check_patched_similarity(
             hint = "that is the clean similarity: patch only one position, not the whole sequence"
         else:
             hint = f"patch blocks.{layer}.hook_resid_post at position {position} only, from the clean run into the corrupted run"
-        return _fail(f"patched_similarity({layer}, {position}) returned {got:.4f}, expected {expected:.4f}; {hint}")
+        return failed(f"patched_similarity({layer}, {position}) returned {got:.4f}, expected {expected:.4f}; {hint}")
     tried = ", ".join(f"({layer}, {position})" for layer, position in cases)
-    return _pass(f"patched_similarity matches an independent patch at (layer, position) = {tried}")
+    return passed(f"patched_similarity matches an independent patch at (layer, position) = {tried}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _pass(message: str) -> bool:
-    print(f"✓ Correct: {message}")
-    return True
-
-
-def _fail(message: str) -> bool:
-    print(f"✗ Not yet: {message}")
-    return False
-
-
-def _module(model: Any) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 def _encode(model: Any, sentences: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -214,20 +202,6 @@ def _patch_output(module: nn.Module, position: int, source: torch.Tensor) -> Ite
         return (patched, *output[1:]) if isinstance(output, tuple) else patched
 
     handle = module.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
-def _zero_input_slice(module: nn.Module, start: int, stop: int) -> Iterator[None]:
-    def hook(mod, args):
-        features = args[0].clone()
-        features[..., start:stop] = 0
-        return (features, *args[1:])
-
-    handle = module.register_forward_pre_hook(hook)
     try:
         yield
     finally:
