@@ -139,7 +139,8 @@ class AttentionPatterns(Renders):
     def __repr__(self) -> str:
         return (
             f"AttentionPatterns({self.model_name!r}, {len(self.layers)} layers × {self.n_heads} heads, "
-            f"{self.n_prompts} prompts × {self.tokens.shape[1]} tokens, {format_bytes(self.nbytes)})"
+            f"{self.n_prompts} prompt{'s' if self.n_prompts != 1 else ''} × {self.tokens.shape[1]} tokens, "
+            f"{format_bytes(self.nbytes)})"
         )
 
     def _repr_html_(self) -> str:

@@ -58,7 +58,7 @@ def check_strongest_induction_head(answer: Any, model: Any) -> bool:
         return failed(f"there is no head {layer}.{head}: the model has {scores.shape[0]} layers × {scores.shape[1]} heads")
     strong = [f"{l}.{h}" for l, h in itertools.product(*map(range, scores.shape)) if scores[l, h] >= 0.95 * scores.max()]
     if scores[layer, head] >= 0.95 * scores.max():
-        also = f" (within 5% of it: {', '.join(strong)})" if len(strong) > 1 else ""
+        also = f" (heads within 5% of the strongest: {', '.join(strong)})" if len(strong) > 1 else ""
         return passed(f"head {layer}.{head} scores {scores[layer, head]:.2f} on fresh repeated random tokens{also}")
     previous = _attentions(module_of(model), _repeated_tokens(module_of(model))).diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))
     hint = ""
