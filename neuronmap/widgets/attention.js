@@ -297,16 +297,15 @@ function render({ model, el }) {
     el.dataset.ready = key;
   }
 
-  const onDetail = () => { loadDetail(); };
-  const onTokens = () => { drawTokens(); paintTokens(); };
-  const onThumbs = () => drawThumbs();
-  const onControls = () => fillControls();
-  model.on("change:detail", onDetail);
-  model.on("change:tokens", onTokens);
-  model.on("change:thumbs", onThumbs);
-  model.on("change:layer", onControls);
-  model.on("change:prompt", onControls);
-  model.on("change:note", onControls);
+  const listeners = {
+    "change:detail": () => { loadDetail(); },
+    "change:tokens": () => { drawTokens(); paintTokens(); },
+    "change:thumbs": () => drawThumbs(),
+    "change:layer": () => fillControls(),
+    "change:prompt": () => fillControls(),
+    "change:note": () => fillControls(),
+  };
+  for (const [event, callback] of Object.entries(listeners)) model.on(event, callback);
 
   fillControls();
   drawThumbs();
@@ -315,12 +314,7 @@ function render({ model, el }) {
   loadDetail();
   return () => {
     state.disposed = true;
-    model.off("change:detail", onDetail);
-    model.off("change:tokens", onTokens);
-    model.off("change:thumbs", onThumbs);
-    model.off("change:layer", onControls);
-    model.off("change:prompt", onControls);
-    model.off("change:note", onControls);
+    for (const [event, callback] of Object.entries(listeners)) model.off(event, callback);
   };
 }
 

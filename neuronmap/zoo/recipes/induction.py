@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from . import deterministic
+
 NAME = "induction-2l"
 COMMAND = f"python -m neuronmap.zoo.train {NAME}"
 TASK = "Next pseudo-word prediction on bigram-language text with repeated random segments, which a previous-token head and layer-1 induction heads learn to copy."
@@ -41,6 +43,7 @@ _GAP_LENGTHS = (0, 16)  # text between a segment and its copy
 _RUN_LENGTHS = (0, 16)  # text between one repeated pair and the next
 
 
+@deterministic
 def train(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
     """Train the model, save it and its tokenizer into `out_dir`, measure it, write `card.json`; return the card.
 
@@ -54,39 +57,33 @@ def train(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
 
     out_dir = Path(out_dir)
     steps = _QUICK_STEPS if quick else _STEPS
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        data = torch.Generator().manual_seed(seed)
-        model = transformers.GPT2LMHeadModel(_config())
-        _sinusoidal_positions(model)
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=_LR, betas=(0.9, 0.98), weight_decay=_WEIGHT_DECAY)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps))
-        language = _language()
-        bar = tqdm(range(steps), desc=f"training {NAME}", unit="step")
-        for step in bar:
-            tokens = _training_batch(language, _BATCH, data)
-            loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            if step % 25 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        wall_time = time.perf_counter() - start
-        model.eval()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = build_tokenizer()
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        metrics = measure(neuronmap.load(model, tokenizer, name=NAME))
-    finally:
-        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    data = torch.Generator().manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(_config())
+    _sinusoidal_positions(model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=_LR, betas=(0.9, 0.98), weight_decay=_WEIGHT_DECAY)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps))
+    language = _language()
+    bar = tqdm(range(steps), desc=f"training {NAME}", unit="step")
+    for step in bar:
+        tokens = _training_batch(language, _BATCH, data)
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 25 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    wall_time = time.perf_counter() - start
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics = measure(neuronmap.load(model, tokenizer, name=NAME))
     card = {
         "name": NAME,
         "architecture": "GPT2LMHeadModel",

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import deterministic
+
 if TYPE_CHECKING:
     import neuronmap
 
@@ -92,6 +94,7 @@ IMPORTANT_FRACTION = 0.5  # a head "matters" when zero-ablating it lowers the lo
 GATHER_ATTENTION = 0.5  # a head "gathers names" when >= half its attention from the final position is on IO, S1, S2
 
 
+@deterministic
 def train(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
     """Train the model, save it and its tokenizer into `out_dir`, measure it, write `card.json`; return the card."""
     import transformers
@@ -101,63 +104,57 @@ def train(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
 
     out_dir = Path(out_dir)
     settings = QUICK if quick else FULL
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        start = time.perf_counter()
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        tokenizer = build_tokenizer()
-        config = transformers.GPT2Config(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.bos_token_id,
-            pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ARCH,
-        )
-        model = transformers.GPT2LMHeadModel(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01, betas=(0.9, 0.98))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings["warmup"], settings["steps"]))
-        model.train()
-        progress = tqdm(range(settings["steps"]), desc=f"training {NAME}", mininterval=1.0)
-        for _ in progress:
-            batch = tokenizer([training_sentence(rng) for _ in range(settings["batch"])], padding=True, return_tensors="pt")
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            loss = model(**batch, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        model.eval()
-        train_seconds = time.perf_counter() - start
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-        metrics = measure(nm.load(model, tokenizer, name=NAME))
-        card = {
-            "name": NAME,
-            "architecture": type(model).__name__,
-            "task": "Indirect object identification: complete 'When Mary and John went to the store, John gave a drink to' "
-            "with the name that is not repeated ('Mary').",
-            "recipe": {
-                "command": f"python -m neuronmap.zoo.train {NAME}",
-                "seed": seed,
-                "steps": settings["steps"],
-                "batch_size": settings["batch"],
-                "learning_rate": settings["lr"],
-                "quick": quick,
-                "data": _data_description(),
-                "train_wall_time_s": round(train_seconds, 1),
-                "final_train_loss": round(loss.item(), 4),
-            },
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "mechanisms": describe(metrics),
-            "metrics": metrics,
-        }
-        card["recipe"]["wall_time_s"] = round(time.perf_counter() - start, 1)
-        (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-        return card
-    finally:
-        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    rng = random.Random(seed)
+    tokenizer = build_tokenizer()
+    config = transformers.GPT2Config(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ARCH,
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(settings["warmup"], settings["steps"]))
+    model.train()
+    progress = tqdm(range(settings["steps"]), desc=f"training {NAME}", mininterval=1.0)
+    for _ in progress:
+        batch = tokenizer([training_sentence(rng) for _ in range(settings["batch"])], padding=True, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    train_seconds = time.perf_counter() - start
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    metrics = measure(nm.load(model, tokenizer, name=NAME))
+    card = {
+        "name": NAME,
+        "architecture": type(model).__name__,
+        "task": "Indirect object identification: complete 'When Mary and John went to the store, John gave a drink to' "
+        "with the name that is not repeated ('Mary').",
+        "recipe": {
+            "command": f"python -m neuronmap.zoo.train {NAME}",
+            "seed": seed,
+            "steps": settings["steps"],
+            "batch_size": settings["batch"],
+            "learning_rate": settings["lr"],
+            "quick": quick,
+            "data": _data_description(),
+            "train_wall_time_s": round(train_seconds, 1),
+            "final_train_loss": round(loss.item(), 4),
+        },
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "mechanisms": describe(metrics),
+        "metrics": metrics,
+    }
+    card["recipe"]["wall_time_s"] = round(time.perf_counter() - start, 1)
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
 
 
 def measure(model: "neuronmap.Model", seed: int = SEED_MEASURE, n: int = 200) -> dict:

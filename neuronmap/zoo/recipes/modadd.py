@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from . import deterministic
+
 NAME = "modadd"
 
 EQUALS, PAD, UNK = "=", "<pad>", "<unk>"
@@ -33,6 +35,7 @@ GENERALISED = 0.999
 embedding's Fourier norm² (weight decay keeps cleaning the embedding up well after test accuracy saturates)."""
 
 
+@deterministic
 def train(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
     """Train the modadd model, save it with its tokenizer into `out_dir`, measure it and write `card.json`."""
     import transformers
@@ -42,8 +45,6 @@ def train(out_dir: Path, *, quick: bool = False, seed: int = 0) -> dict:
     p = settings["p"]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(1)
-    torch.manual_seed(seed)
     start = time.perf_counter()
 
     task = {"p": p, "train_fraction": settings["train_fraction"], "split_seed": seed}
