@@ -1,4 +1,4 @@
-"""The attention viewer's data for the browser: 8-bit quantised patterns, deflated, one layer at a time.
+"""The attention viewer's data for the browser: 8-bit square-root-quantised patterns, deflated, a layer at a time.
 
 Both views run the front end in `widgets/attention.js`. The live widget sends thumbnails of every head of every
 layer at once and the selected layer's full patterns on demand; the static view embeds as many layers as fit
@@ -28,8 +28,12 @@ _FALLBACK_TOKENS = 200
 
 
 def quantise(pattern: torch.Tensor) -> bytes:
-    """Attention probabilities as bytes of round(255 * p), row-major."""
-    return (pattern.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy().tobytes()
+    """Attention probabilities as bytes of round(255 * sqrt(p)), row-major.
+
+    Square-root steps keep diffuse attention: p = 1/1000 becomes 8, where linear steps (round(255 * p)) give 0
+    for every p below 1/510, blanking the spread-out heads of long prompts.
+    """
+    return (pattern.detach().float().clamp(0, 1).sqrt() * 255).round().to(torch.uint8).cpu().numpy().tobytes()
 
 
 def layer_block(patterns: AttentionPatterns, layer: int, prompt: int, n: int | None = None) -> torch.Tensor:

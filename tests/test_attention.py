@@ -215,7 +215,7 @@ def test_static_view_escapes_tokens_and_embeds_quantised_patterns():
     assert data["tokens"] == str_tokens[0] and data["layers"] == [0, 1]
     for layer in (0, 1):
         block = zlib.decompress(base64.b64decode(data["details"][str(layer)]))
-        expected = (patterns[layer][0] * 255).round().to(torch.uint8)
+        expected = (patterns[layer][0].sqrt() * 255).round().to(torch.uint8)
         assert block == expected.numpy().tobytes()
     assert "https://" not in html and "http://" not in html
 
@@ -248,11 +248,11 @@ def test_widget_sends_one_layer_at_a_time_as_binary():
     widget = patterns.widget(heads=[2, 0])
     assert widget.heads == [0, 2] and widget.tokens == str_tokens[0] and widget.detail_key == "0:0"
     assert isinstance(widget.detail, bytes) and isinstance(widget.thumbs, bytes)
-    assert zlib.decompress(widget.detail) == (patterns[0][0] * 255).round().to(torch.uint8).numpy().tobytes()
+    assert zlib.decompress(widget.detail) == (patterns[0][0].sqrt() * 255).round().to(torch.uint8).numpy().tobytes()
     assert len(widget.thumbs) == 2 * 3 * widget.thumb_size**2
     widget.layer = 1
     assert widget.detail_key == "1:0"
-    assert zlib.decompress(widget.detail) == (patterns[1][0] * 255).round().to(torch.uint8).numpy().tobytes()
+    assert zlib.decompress(widget.detail) == (patterns[1][0].sqrt() * 255).round().to(torch.uint8).numpy().tobytes()
     widget.prompt = 1
     assert widget.tokens == ["a", "b", "c", "d", "e"] and widget.detail_key == "1:1"
     assert len(zlib.decompress(widget.detail)) == 3 * 5 * 5
@@ -275,9 +275,18 @@ def test_a_view_opens_on_the_chosen_layer_heads_and_prompt():
     patterns = synthetic(tokens=[[5, 6, 7, 5], [1, 2, 3, 4]])
     data = _embedded(patterns.view(layer=1, heads=[2, 0], prompt=1)._repr_html_())
     assert data["layer"] == 1 and data["heads"] == [0, 2] and data["tokens"] == ["t1", "t2", "t3", "t4"]
-    assert zlib.decompress(base64.b64decode(data["details"]["1"])) == (patterns[1][1] * 255).round().to(torch.uint8).numpy().tobytes()
+    assert zlib.decompress(base64.b64decode(data["details"]["1"])) == (patterns[1][1].sqrt() * 255).round().to(torch.uint8).numpy().tobytes()
     assert "layer 1, heads [0, 2], prompt 1" in repr(patterns.view(layer=1, heads=[2, 0], prompt=1))
     with pytest.raises(nm.InputError, match="heads \\[3\\] out of range: there are 3 heads"):
         patterns.view(heads=[3])
     with pytest.raises(nm.InputError, match="prompt 2 out of range"):
         patterns.view(prompt=2)
+
+
+def test_square_root_quantisation_keeps_diffuse_attention():
+    p = torch.tensor([0.0, 1e-5, 1e-3, 1 / 1024, 0.01, 0.25, 0.5, 1.0])
+    codes = torch.frombuffer(bytearray(attention_view.quantise(p)), dtype=torch.uint8).float()
+    decoded = (codes / 255) ** 2
+    assert codes[2] > 0 and codes[3] > 0  # linear 8-bit steps would round both to 0
+    assert codes[0] == 0 and codes[-1] == 255
+    assert ((decoded - p).abs() <= p.sqrt() / 255 + 1 / 255**2).all()

@@ -71,18 +71,24 @@ def children(pid: int) -> list[int]:
     return found
 
 
-@pytest.fixture
-def jupyterlab(tmp_path):
-    """A JupyterLab server on 127.0.0.1 with a random port and token; stops it and only its own kernels."""
+FRONT_ENDS = {
+    "jupyterlab": (["jupyterlab", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"], "lab/tree"),
+    "notebook7": (["notebook"], "notebooks"),
+}
+
+
+@pytest.fixture(params=list(FRONT_ENDS))
+def jupyterlab(request, tmp_path):
+    """A JupyterLab (or Notebook 7) server on 127.0.0.1, random port and token; stops it and only its own kernels."""
+    (module, *options), route = FRONT_ENDS[request.param]
     port, token = free_port(), secrets.token_hex(16)
     (tmp_path / "notebooks").mkdir()
     notebook(tmp_path / "notebooks" / "attention.ipynb")
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [
-            sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'notebooks'}",
-            "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            sys.executable, "-m", module, "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+            f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'notebooks'}", *options,
         ],
         env=environment(tmp_path / "home"), stdout=log, stderr=subprocess.STDOUT,
     )
@@ -99,7 +105,10 @@ def jupyterlab(tmp_path):
             time.sleep(0.5)
     kernels: set[int] = set()
     try:
-        yield {"url": f"{base}/lab/tree/attention.ipynb?token={token}", "server": server, "kernels": kernels}
+        yield {
+            "url": f"{base}/{route}/attention.ipynb?token={token}", "api": (base, token), "server": server,
+            "kernels": kernels, "name": request.param,
+        }
     finally:
         kernels.update(children(server.pid))
         try:
@@ -116,11 +125,26 @@ def jupyterlab(tmp_path):
         log.close()
 
 
+def wait_for_idle_kernel(page, api: tuple[str, str], timeout: float = 60) -> None:
+    """Wait until the server has a notebook session whose kernel is idle.
+
+    Waits with `page.wait_for_timeout`, not `time.sleep`: the page's request routing runs in this thread.
+    """
+    base, token = api
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        sessions = json.load(urllib.request.urlopen(f"{base}/api/sessions?token={token}", timeout=5))
+        if any(session["kernel"]["execution_state"] == "idle" for session in sessions):
+            return
+        page.wait_for_timeout(500)
+    pytest.fail(f"no idle kernel for the notebook: {sessions}")
+
+
 def test_attention_widget_in_jupyterlab(page, jupyterlab):
     page.set_viewport_size({"width": 1400, "height": 1000})
     page.goto(jupyterlab["url"])
     page.wait_for_selector(".jp-NotebookPanel", timeout=60_000)
-    page.wait_for_function("document.body.innerText.includes('| Idle')", timeout=60_000)  # the kernel exists
+    wait_for_idle_kernel(page, jupyterlab["api"])  # the page's idle indicator shows before its kernel exists
     page.click("text=Run", timeout=10_000)  # the Run menu ...
     page.click('[data-command="runmenu:run-all"]')  # ... Run All Cells
     view = page.locator(".jp-OutputArea-output .nm-attn").first
@@ -139,7 +163,7 @@ def test_attention_widget_in_jupyterlab(page, jupyterlab):
     view.locator(".nm-token[data-index='3']").hover()
     assert view.locator(".nm-token[data-weight]").count() == 6
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "jupyterlab-attention-widget.png"))
+    page.screenshot(path=str(ARTIFACTS / f"{jupyterlab['name']}-attention-widget.png"))
     assert page.external_requests == []
 
 

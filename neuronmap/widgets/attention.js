@@ -4,7 +4,9 @@
 // Model fields: layers (layer indices available), n_heads, layer, heads (selected), prompt, n_prompts,
 // tokens (the prompt's tokens, as text), n_total (tokens before any truncation), thumb_size, note,
 // thumbs (uint8 [layers, heads, T, T] thumbnails, max-pooled), detail (zlib-deflated uint8 [heads, n, n]
-// patterns of one layer and prompt, value = round(255 * p)), detail_key ("layer:prompt" of detail).
+// patterns of one layer and prompt), detail_key ("layer:prompt" of detail). Bytes hold round(255 * sqrt(p)):
+// square-root steps keep diffuse attention (p down to ~1e-5) that linear 8-bit steps would round to zero, and
+// the byte itself is the colour depth, so faint attention stays visible. Values shown as numbers are p.
 // Every token reaches the page through textContent, never as markup.
 
 const PALETTE = [
@@ -39,11 +41,11 @@ function shown(token) {
   return token.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
 }
 
-// Overlay: white minus each selected head's colour in proportion to its weight.
-function mix(weights, heads) {
+// Overlay: white minus each selected head's colour in proportion to its shade (sqrt of the attention).
+function mix(shades, heads) {
   let r = 255, g = 255, b = 255;
   heads.forEach((head, k) => {
-    const w = weights[k];
+    const w = shades[k];
     const [cr, cg, cb] = headColour(head);
     r -= w * (255 - cr);
     g -= w * (255 - cg);
@@ -73,7 +75,7 @@ function render({ model, el }) {
   const crosshair = node("div", "nm-crosshair");
   matrixBox.append(canvas, crosshair);
   const side = node("div", "nm-side");
-  const info = node("div", "nm-info", "hover a token or a cell");
+  const info = node("div", "nm-info", "hover a token or a cell (colour depth \u221d \u221aattention)");
   const tokenBox = node("div", "nm-tokens");
   side.append(info, tokenBox);
   body.append(matrixBox, side);
@@ -159,10 +161,12 @@ function render({ model, el }) {
     }));
   }
 
-  function weightsAt(i, j) {
+  function shadesAt(i, j) {
     const n = state.n;
     return selected().map((head) => state.detail[head * n * n + i * n + j] / 255);
   }
+
+  const weightsAt = (i, j) => shadesAt(i, j).map((shade) => shade * shade);
 
   function drawMatrix() {
     if (!state.detail || state.key !== wantedKey()) {
@@ -223,10 +227,10 @@ function render({ model, el }) {
         delete span.dataset.weight;
         continue;
       }
-      const weights = state.mode === "from" ? weightsAt(state.focus, j) : weightsAt(j, state.focus);
-      const [r, g, b] = mix(weights, heads);
+      const shades = state.mode === "from" ? shadesAt(state.focus, j) : shadesAt(j, state.focus);
+      const [r, g, b] = mix(shades, heads);
       span.style.background = `rgb(${r | 0},${g | 0},${b | 0})`;
-      span.dataset.weight = Math.max(...weights).toFixed(3);
+      span.dataset.weight = (Math.max(...shades) ** 2).toFixed(3);
     }
     placeCrosshair();
     if (ready && state.focus !== null && state.focus < state.n) {
