@@ -119,11 +119,6 @@ class AttentionPatterns(Renders):
         real = self.attention_mask[prompt].bool()
         return self[layer, head][prompt][real][:, real]
 
-    def prompt_patterns(self, prompt: int) -> torch.Tensor:
-        """Every layer's patterns for one prompt, `[layer, head, query, key]`, padding removed."""
-        real = self.attention_mask[prompt].bool()
-        return torch.stack([p[prompt][:, real][:, :, real] for p in self._patterns.values()])
-
     def to_numpy(self) -> np.ndarray:
         """Every layer stacked: `[layer, prompt, head, query, key]` (float32; padded positions hold zeros)."""
         return torch.stack([p.detach().float().cpu() for p in self._patterns.values()]).numpy()
@@ -329,21 +324,28 @@ def _check_kind(kind: str) -> None:
 
 
 def _score(patterns: AttentionPatterns, kind: str) -> torch.Tensor:
-    """`[layer, head]` scores pooled over every qualifying query of every prompt (see `SCORES`)."""
+    """`[layer, head]` scores pooled over every qualifying query of every prompt (see `SCORES`).
+
+    One layer of one prompt is in float32 at a time, so scoring long prompts does not copy every pattern.
+    """
     _check_kind(kind)
-    total, count = 0.0, 0
+    total = torch.zeros(len(patterns.layers), patterns.n_heads)
+    count = 0
     for prompt in range(patterns.n_prompts):
-        pattern = patterns.prompt_patterns(prompt).float()  # [layer, head, n, n]
-        tokens = patterns.tokens[prompt][patterns.attention_mask[prompt].bool()].cpu()
+        real = patterns.attention_mask[prompt].bool()
+        tokens = patterns.tokens[prompt][real].cpu()
         n = tokens.shape[0]
         if kind == "entropy":
-            rows = pattern[:, :, 1:]
-            total = total + -(rows * torch.log(rows.clamp_min(1e-30))).sum(-1).sum(-1)
-            count += n - 1
-            continue
-        weights = _key_weights(kind, tokens)  # [n, n]
-        queries = weights.sum(-1) > 0 if kind in ("induction", "duplicate_token") else torch.arange(n) >= 1
-        total = total + (pattern[:, :, queries] * weights[queries]).sum(dim=(-1, -2))
+            queries, weights = torch.arange(n) >= 1, None
+        else:
+            weights = _key_weights(kind, tokens)  # [n, n]
+            queries = weights.sum(-1) > 0 if kind in ("induction", "duplicate_token") else torch.arange(n) >= 1
+        for index, layer in enumerate(patterns.layers):
+            rows = patterns[layer][prompt][:, real][:, :, real][:, queries].float().cpu()  # [head, query, key]
+            if weights is None:
+                total[index] += -(rows * torch.log(rows.clamp_min(1e-30))).sum(dim=(-1, -2))
+            else:
+                total[index] += (rows * weights[queries]).sum(dim=(-1, -2))
         count += int(queries.sum())
     if count == 0:
         raise InputError(
