@@ -62,8 +62,8 @@ class AttentionPatterns(Renders):
         if not patterns:
             raise InputError("no attention patterns given")
         self._patterns = dict(sorted(patterns.items()))
-        self.tokens = tokens
-        self.attention_mask = attention_mask
+        self.tokens = tokens.cpu()  # on the CPU whatever the model's device: they index patterns kept anywhere
+        self.attention_mask = attention_mask.cpu()
         self.str_tokens = str_tokens
         self.model_name = model_name
 
