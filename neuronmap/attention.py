@@ -296,8 +296,9 @@ def repeated_random_tokens(model: Model, *, length: int | None = None, batch: in
     length = min(50, (limit - 1) // 2) if length is None else length
     if length < 1 or 1 + 2 * length > limit:
         raise InputError(f"length must be between 1 and {(limit - 1) // 2} for this model, got {length}")
-    special = set(getattr(model.tokenizer, "all_special_ids", []) or [])
-    candidates = torch.tensor([i for i in range(config.vocab_size) if i not in special])
+    allowed = torch.ones(config.vocab_size, dtype=torch.bool)
+    allowed[[i for i in getattr(model.tokenizer, "all_special_ids", None) or [] if i < config.vocab_size]] = False
+    candidates = allowed.nonzero().flatten()
     generator = torch.Generator().manual_seed(seed)
     segment = candidates[torch.randint(len(candidates), (batch, length), generator=generator)]
     start = _start_token(model)

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import neuronmap as nm
+from neuronmap import zoo
 from conftest import eager_copy
 from neuronmap.zoo.recipes import induction
 
-MODEL_DIR = Path(induction.__file__).parents[1] / "models" / "induction-2l"
+MODEL_DIR = zoo.path("induction-2l")
 FRESH_SEED = 4321  # the card was measured with measure()'s default seed; these tests use other sequences
 
 
 @pytest.fixture(scope="module")
 def card() -> dict:
-    return json.loads((MODEL_DIR / "card.json").read_text())
+    return zoo.card("induction-2l")
 
 
 @pytest.fixture(scope="module")
 def model() -> nm.Model:
-    return nm.load(MODEL_DIR, name="induction-2l")
+    return zoo.load("induction-2l")
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 import neuronmap as nm
+from neuronmap import zoo
 import neuronmap.zoo.recipes.ioi as ioi
 
-MODEL_DIR = Path(ioi.__file__).parents[1] / "models" / "ioi"
+MODEL_DIR = zoo.path("ioi")
 FRESH_SEED = 4321
 
 
@@ -28,12 +28,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    return nm.load(MODEL_DIR, name="ioi")
+    return zoo.load("ioi")
 
 
 @pytest.fixture(scope="module")
 def card():
-    return json.loads((MODEL_DIR / "card.json").read_text())
+    return zoo.card("ioi")
 
 
 @pytest.fixture(scope="module")

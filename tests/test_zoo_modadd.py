@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import neuronmap as nm
+from neuronmap import zoo
 import neuronmap.zoo.recipes.modadd as modadd
 
-MODEL_DIR = Path(modadd.__file__).parents[1] / "models" / "modadd"
+MODEL_DIR = zoo.path("modadd")
 
 
 @pytest.fixture(scope="module")
 def model():
-    return nm.load(MODEL_DIR, name="modadd")
+    return zoo.load("modadd")
 
 
 @pytest.fixture(scope="module")
 def card():
-    return json.loads((MODEL_DIR / "card.json").read_text())
+    return zoo.card("modadd")
 
 
 def _pairs(p: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

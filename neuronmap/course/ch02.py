@@ -26,8 +26,8 @@ _BATCH = 16
 
 def check_previous_token_scores(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
     """Check `[layer, head]` previous-token scores on `tokens`: mean attention from token i to i - 1 (i >= 1)."""
-    attentions = _attentions(model, torch.as_tensor(tokens))  # [layer, batch, head, q, k]
-    expected = attentions.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))
+    attentions = _attentions(_eager(model), torch.as_tensor(tokens))  # [layer, batch, head, q, k]
+    expected = _previous_token(attentions)
     if not isinstance(answer, torch.Tensor):
         return failed(f"the answer should be a tensor of shape [layers, heads] = {list(expected.shape)}; got a {type(answer).__name__}")
     answer = answer.detach().float().cpu()
@@ -49,7 +49,9 @@ def check_previous_token_scores(answer: Any, model: Any, tokens: torch.Tensor) -
 
 def check_strongest_induction_head(answer: Any, model: Any) -> bool:
     """Check `(layer, head)`: the head that attends most from a repeated token to the token after its first copy."""
-    scores = _induction_scores(module_of(model), _repeated_tokens(module_of(model)))
+    eager = _eager(model)
+    attentions = _attentions(eager, _repeated_tokens(eager))
+    scores = _induction_scores(attentions)
     best = divmod(int(scores.argmax()), scores.shape[1])
     if not (isinstance(answer, tuple) and len(answer) == 2 and all(isinstance(x, int) for x in answer)):
         return failed(f"the answer should be a (layer, head) tuple of ints; got {answer!r}")
@@ -60,9 +62,8 @@ def check_strongest_induction_head(answer: Any, model: Any) -> bool:
     if scores[layer, head] >= 0.95 * scores.max():
         also = f" (heads within 5% of the strongest: {', '.join(strong)})" if len(strong) > 1 else ""
         return passed(f"head {layer}.{head} scores {scores[layer, head]:.2f} on fresh repeated random tokens{also}")
-    previous = _attentions(module_of(model), _repeated_tokens(module_of(model))).diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))
     hint = ""
-    if previous[layer, head] > 0.5:
+    if _previous_token(attentions)[layer, head] > 0.5:
         hint = " That head attends to the previous token: it sits one diagonal below the main one, not at the repeat."
     return failed(
         f"head {layer}.{head} scores {scores[layer, head]:.2f}; the strongest induction head is {best[0]}.{best[1]} "
@@ -72,9 +73,9 @@ def check_strongest_induction_head(answer: Any, model: Any) -> bool:
 
 def check_minimal_ablation(answer: Iterable[int], model: Any) -> bool:
     """Check a smallest set of layer-0 heads whose zero-ablation cuts the best induction head below 1/4 of its score."""
-    module = module_of(model)
-    tokens = _repeated_tokens(module)
-    clean = _induction_scores(module, tokens)
+    eager = _eager(model)
+    tokens = _repeated_tokens(eager)
+    clean = _induction_scores(_attentions(eager, tokens))
     target = divmod(int(clean.argmax()), clean.shape[1])
     try:
         chosen = sorted({int(head) for head in answer})
@@ -85,7 +86,7 @@ def check_minimal_ablation(answer: Iterable[int], model: Any) -> bool:
         return failed(f"layer 0 has heads 0..{n_heads - 1}; got {chosen}")
 
     def ablated(heads) -> float:
-        return float(_induction_scores(module, tokens, zero_heads=heads)[target])
+        return float(_induction_scores(_attentions(eager, tokens, zero_heads=heads))[target])
 
     threshold = clean[target].item() / 4
     after = ablated(chosen)
@@ -96,8 +97,9 @@ def check_minimal_ablation(answer: Iterable[int], model: Any) -> bool:
         )
     for size in range(len(chosen)):
         for subset in itertools.combinations(range(n_heads), size):
-            if ablated(subset) < threshold:
-                return failed(f"{list(subset)} is a smaller set that already does it ({ablated(subset):.2f})")
+            score = ablated(subset)
+            if score < threshold:
+                return failed(f"{list(subset)} is a smaller set that already does it ({score:.2f})")
     return passed(
         f"zeroing layer-0 heads {chosen} cuts induction head {target[0]}.{target[1]} from {clean[target]:.2f} to "
         f"{after:.2f}, and no smaller set does: they are the previous-token heads its keys read (K-composition)"
@@ -111,17 +113,26 @@ def _repeated_tokens(module: torch.nn.Module) -> torch.Tensor:
     return torch.cat([start, segment, segment], dim=1)
 
 
-def _induction_scores(module: torch.nn.Module, tokens: torch.Tensor, zero_heads=()) -> torch.Tensor:
+def _previous_token(attentions: torch.Tensor) -> torch.Tensor:
+    """Mean attention from each token to the one before it, `[layer, head]`."""
+    return attentions.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))
+
+
+def _induction_scores(attentions: torch.Tensor) -> torch.Tensor:
     """Mean attention from each token of the repeat to the token after its first copy, `[layer, head]`."""
-    attentions = _attentions(module, tokens, zero_heads)
-    queries = torch.arange(1 + _LENGTH, tokens.shape[1])
+    queries = torch.arange(1 + _LENGTH, attentions.shape[-1])
     return attentions[:, :, :, queries, queries - _LENGTH + 1].mean(dim=(1, 3))
 
 
-def _attentions(model: Any, tokens: torch.Tensor, zero_heads=()) -> torch.Tensor:
-    """HF's `output_attentions` of an eager copy, stacked `[layer, batch, head, q, k]`; `zero_heads` of layer 0 ablated."""
+def _eager(model: Any) -> torch.nn.Module:
+    """A copy of the HF module with eager attention, the one implementation that returns `output_attentions`."""
     module = copy.deepcopy(module_of(model))
     module.set_attn_implementation("eager")
+    return module
+
+
+def _attentions(module: torch.nn.Module, tokens: torch.Tensor, zero_heads=()) -> torch.Tensor:
+    """HF's `output_attentions` stacked `[layer, batch, head, q, k]`, with `zero_heads` of layer 0 ablated."""
     d_head = module.config.hidden_size // module.config.num_attention_heads
     projection = module.base_model.h[0].attn.c_proj
     with torch.no_grad(), contextlib.ExitStack() as stack:
