@@ -6,7 +6,7 @@ The public API is re-exported here; everything else is private to its module. He
 
 from . import zoo
 from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
-from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError
+from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError, NotCapturedError
 from .hooks import HookPoint
 from .model import Model, load
 from .trace import Trace
@@ -25,6 +25,7 @@ __all__ = [
     "LoadError",
     "Model",
     "NeuronMapError",
+    "NotCapturedError",
     "Trace",
     "attention",
     "head_scores",

@@ -31,12 +31,24 @@ class HookNameError(NeuronMapError, KeyError):
         return str(self.args[0])
 
 
+class NotCapturedError(NeuronMapError, KeyError):
+    """A hook point that exists but was not captured (or has no gradient recorded) in this run."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class InputError(NeuronMapError, ValueError):
     """Inputs that cannot be run: empty, too long for the model, or strings without a tokenizer."""
 
 
 class InterventionError(NeuronMapError, ValueError):
-    """An intervention that cannot be applied: wrong shape, wrong type, or a function that failed."""
+    """An intervention that cannot be applied: wrong shape, wrong type, or a function that failed (the function's
+    own exception is kept as `__cause__`)."""
 
 
 class LoadError(NeuronMapError, ValueError):

@@ -34,10 +34,21 @@ class Batch:
         return (positions * self.attention_mask).argmax(dim=1)
 
 
-def to_batch(inputs: Inputs, tokenizer: Any, attention_mask: torch.Tensor | None, max_length: int | None) -> Batch:
-    """Tokenise (padding a list of strings on the tokenizer's padding side) or validate token ids."""
+def to_batch(
+    inputs: Inputs,
+    tokenizer: Any,
+    attention_mask: torch.Tensor | None,
+    max_length: int | None,
+    vocab_size: int | None = None,
+    padding_side: str | None = None,
+) -> Batch:
+    """Tokenise (padding a list of strings on `padding_side`, by default the tokenizer's) or validate token ids.
+
+    Token ids outside `0 .. vocab_size - 1` are refused here, where the error can name them, rather than deep
+    inside the embedding.
+    """
     if isinstance(inputs, str) or (isinstance(inputs, Sequence) and not isinstance(inputs, torch.Tensor)):
-        batch = _tokenize([inputs] if isinstance(inputs, str) else list(inputs), tokenizer)
+        batch = _tokenize([inputs] if isinstance(inputs, str) else list(inputs), tokenizer, padding_side)
     elif isinstance(inputs, torch.Tensor):
         batch = _from_tokens(inputs, attention_mask)
     else:
@@ -45,10 +56,22 @@ def to_batch(inputs: Inputs, tokenizer: Any, attention_mask: torch.Tensor | None
     length = batch.tokens.shape[1]
     if max_length is not None and length > max_length:
         raise InputError(f"input is {length} tokens long but the model's context is {max_length} tokens")
+    if vocab_size is not None:
+        _check_vocabulary(batch, vocab_size)
     return batch
 
 
-def _tokenize(texts: list[str], tokenizer: Any) -> Batch:
+def _check_vocabulary(batch: Batch, vocab_size: int) -> None:
+    outside = (batch.tokens < 0) | (batch.tokens >= vocab_size)  # padding too: the embedding looks it up
+    if outside.any():
+        row, position = (int(i) for i in outside.nonzero()[0])
+        token = int(batch.tokens[row, position])
+        raise InputError(
+            f"token id {token} at [{row}, {position}] is outside the model's vocabulary: ids run from 0 to {vocab_size - 1}"
+        )
+
+
+def _tokenize(texts: list[str], tokenizer: Any, padding_side: str | None = None) -> Batch:
     if not texts:
         raise InputError("inputs are empty: give at least one string")
     if not all(isinstance(text, str) for text in texts):
@@ -60,7 +83,7 @@ def _tokenize(texts: list[str], tokenizer: Any) -> Batch:
         raise InputError("an input string is empty (it tokenises to no tokens)")
     width = max(len(row) for row in rows)
     pad_id = _pad_id(tokenizer)
-    left = getattr(tokenizer, "padding_side", "right") == "left"
+    left = (padding_side or getattr(tokenizer, "padding_side", "right")) == "left"
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -68,6 +91,13 @@ def _tokenize(texts: list[str], tokenizer: Any) -> Batch:
         tokens[i, span] = torch.tensor(row, dtype=torch.long)
         mask[i, span] = 1
     return Batch(tokens, mask)
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Each token id as its own text (its id as text when there is no tokenizer)."""
+    if tokenizer is None:
+        return [str(int(i)) for i in ids]
+    return [tokenizer.decode([int(i)]) for i in ids]
 
 
 def _pad_id(tokenizer: Any) -> int:

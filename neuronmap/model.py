@@ -13,44 +13,49 @@ import torch
 from torch import nn
 
 from .architectures import adapter_for
-from .errors import HookNameError, InputError, InterventionError, LoadError
+from .capture import Positions, PositionSelection, Recorder
+from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError
 from .hooks import Action, HookPoint, attached
-from .inputs import Batch, Inputs, to_batch
+from .inputs import Batch, Inputs, to_batch, token_strings
+from .loading import from_pretrained
 from .trace import Trace
 
 Names = Union[str, Iterable[str]]
 Intervention = Union[Callable[[torch.Tensor, HookPoint], Union[torch.Tensor, None]], torch.Tensor]
-Positions = Union[int, slice, list, torch.Tensor, str, None]
 
 
 def load(model: Any, tokenizer: Any = None, *, name: str | None = None, **kwargs: Any) -> Model:
     """Wrap a model for capture and intervention.
 
-    `model` is a hub id or local directory (loaded with `from_pretrained`; `kwargs` go to it, e.g.
-    `attn_implementation="eager"` or `dtype=torch.float16`), a `transformers.PreTrainedModel`, or any
-    `torch.nn.Module`. `name` is what reprs and views call the model (default: the hub id, the directory's
-    name, or the class name). The model is put in eval mode, as `from_pretrained` leaves it, and is never
-    otherwise modified.
+    `model` is a zoo name (`neuronmap.zoo.list()`), a local directory or a hub id (loaded with `from_pretrained`;
+    `kwargs` go to it, e.g. `attn_implementation="eager"`, `dtype=torch.float16` or `local_files_only=True`, and
+    the hub options among them to the config and tokenizer too), a `transformers.PreTrainedModel`, or any
+    `torch.nn.Module`. `name` is what reprs and views call the model (default: the zoo name, the hub id, the
+    directory's name, or the class name). The model is put in eval mode, as `from_pretrained` leaves it, and is
+    never otherwise modified.
     """
     if isinstance(model, Model):
         return model
+    problem = None
     if isinstance(model, (str, os.PathLike)):
-        model, loaded_tokenizer = _from_pretrained(os.fspath(model), **kwargs)
+        model, loaded_tokenizer, problem, zoo_name = from_pretrained(model, with_tokenizer=tokenizer is None, **kwargs)
+        name = name or zoo_name
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     elif kwargs:
-        raise LoadError(f"keyword arguments {sorted(kwargs)} only apply when loading from a hub id or directory")
+        raise LoadError(f"keyword arguments {sorted(kwargs)} only apply when loading from a zoo name, hub id or directory")
     if not isinstance(model, nn.Module):
-        raise LoadError(f"cannot load a {type(model).__name__}: give a hub id, a directory, or a torch.nn.Module")
-    return Model(model.eval(), tokenizer, name=name)
+        raise LoadError(f"cannot load a {type(model).__name__}: give a zoo name, hub id, directory, or a torch.nn.Module")
+    return Model(model.eval(), tokenizer, name=name, tokenizer_problem=problem)
 
 
 class Model:
     """A model with TransformerLens-named hook points on its real modules (module paths for non-HF modules).
 
-    `run` does one forward pass and returns a `Trace`; `hooks` keeps interventions attached over a block.
+    `run` does one forward pass and returns a `Trace`; `hooks` keeps interventions attached over a block;
+    `generate` continues text with interventions attached at every step.
     """
 
-    def __init__(self, module: nn.Module, tokenizer: Any = None, name: str | None = None):
+    def __init__(self, module: nn.Module, tokenizer: Any = None, name: str | None = None, tokenizer_problem: str | None = None):
         self.module = module
         self.tokenizer = tokenizer
         self.name = name or _default_name(module)
@@ -60,6 +65,7 @@ class Model:
         config = getattr(module, "config", None)
         self._config = config
         self._max_length = _context_length(config)
+        self._tokenizer_problem = tokenizer_problem
         # One analysis pass never needs the KV cache: building it costs memory and the trace would keep it.
         accepts_cache = "use_cache" in inspect.signature(module.forward).parameters
         self._forward_kwargs = {"use_cache": False} if accepts_cache else {}
@@ -73,6 +79,11 @@ class Model:
     def device(self) -> torch.device:
         parameter = next(self.module.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens one input may have (None when the model does not say)."""
+        return self._max_length
 
     def __repr__(self) -> str:
         n_params = sum(p.numel() for p in self.module.parameters())
@@ -112,6 +123,7 @@ class Model:
         capture_dtype: torch.dtype | None = None,
         capture_positions: Positions = None,
         grad: bool = False,
+        capture_grad: Names | None = None,
     ) -> Trace:
         """Run one forward pass and return its `Trace`.
 
@@ -120,23 +132,27 @@ class Model:
         `interventions`: hook name or pattern -> `fn(activation, hook)` returning the replacement (or editing
         the activation in place and returning None), or a tensor that replaces the activation.
         `capture_device`/`capture_dtype` move and cast what is kept; `capture_positions` keeps only some token
-        positions (an int, a slice, a list, or `"last"` for each prompt's last real token), keeping the
-        position dimension. `grad=True` runs with autograd on (for gradients through interventions).
+        positions of the (padded) inputs (an int, a slice, a list or tensor of positions, or `"last"` for each
+        prompt's last real token), keeping the position dimension; a position outside the inputs is an error.
+        `grad=True` runs with autograd on, and captures stay in the graph. `capture_grad` names hook points
+        whose gradients a later `.backward()` records: `trace.grad(name)` (implies `grad=True`).
         """
-        if self._config is None and isinstance(inputs, torch.Tensor):
-            batch = Batch(inputs, None)  # any nn.Module: its input goes through unchanged
-        else:
-            batch = to_batch(inputs, self.tokenizer, attention_mask, self._max_length)
-        recorder = _Recorder(batch, capture_device, capture_dtype, capture_positions)
-        actions = self._actions(self.resolve(capture) if capture is not None else [], interventions or {}, recorder)
+        batch = self._batch(inputs, attention_mask)
+        length = batch.tokens.shape[1] if self._config is not None else None
+        grad_names = frozenset(self.resolve(capture_grad)) if capture_grad is not None else frozenset()
+        grad = grad or bool(grad_names)
+        selection = PositionSelection(capture_positions, batch, length)
+        recorder = Recorder(selection, capture_device, capture_dtype, keep_graph=grad, grad_names=grad_names)
+        capture_names = self.resolve(capture) if capture is not None else []
+        actions = self._actions(capture_names, interventions or {}, recorder)
         batch = batch.to(self.device)
         with self._attach(actions), torch.set_grad_enabled(grad):
             output = self._forward(batch)
-        return Trace(output, batch, recorder.activations, self.tokenizer, self.name)
+        return Trace(output, batch, recorder, self.tokenizer, self.name, self.hook_names)
 
     @contextlib.contextmanager
     def hooks(self, interventions: Mapping[str, Intervention]) -> Iterator[Model]:
-        """Keep `interventions` attached for every forward pass in the block (`run` or the module itself)."""
+        """Keep `interventions` attached for every forward pass in the block (`run`, `generate` or the module itself)."""
         with self._attach(self._actions([], interventions, None)):
             yield self
 
@@ -144,20 +160,104 @@ class Model:
         """The hook points NeuronMap has attached right now (empty between runs)."""
         return list(self._attached)
 
-    def _actions(self, capture: list[str], interventions: Mapping[str, Intervention], recorder) -> dict:
+    def generate(
+        self,
+        inputs: Inputs,
+        max_new_tokens: int = 20,
+        *,
+        interventions: Mapping[str, Intervention] | None = None,
+        do_sample: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> str | list[str] | torch.Tensor:
+        """Continue `inputs` with the model's own `generate` (KV cache on), `interventions` applied at every step.
+
+        With the cache, each step after the first runs only the new token, so an intervention function sees
+        `[batch, 1, ...]` activations there (attention patterns `[batch, head, 1, key]`). Greedy by default;
+        `kwargs` go to `transformers`' `generate`. Returns text for text (prompt and continuation, like
+        TransformerLens) and token ids `[batch, pos + new]` for token ids. A list of strings is left-padded.
+        """
+        if self._config is None or not callable(getattr(self.module, "generate", None)):
+            raise InputError(f"generate needs a Hugging Face model with a language-model head, not a {type(self.module).__name__}")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        batch = self._batch(inputs, attention_mask, padding_side="left")
+        total = batch.tokens.shape[1] + max_new_tokens
+        if self._max_length is not None and total > self._max_length:
+            raise InputError(
+                f"{batch.tokens.shape[1]} input tokens + {max_new_tokens} new ones exceed the model's context of "
+                f"{self._max_length} tokens"
+            )
+        device_batch = batch.to(self.device)
+        with self._attach(self._actions([], interventions or {}, None)), torch.no_grad():
+            tokens = self.module.generate(
+                input_ids=device_batch.tokens,
+                attention_mask=device_batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                pad_token_id=_pad_token(self.tokenizer, self._config),
+                use_cache=True,
+                **kwargs,
+            )
+        if isinstance(inputs, torch.Tensor):
+            return tokens
+        pads = (batch.attention_mask == 0).sum(dim=1).tolist()
+        texts = [self.to_string(row[pad:]) for row, pad in zip(tokens, pads)]
+        return texts[0] if isinstance(inputs, str) else texts
+
+    def to_tokens(self, inputs: Inputs, *, padding_side: str | None = None) -> torch.Tensor:
+        """The token ids `[batch, pos]` that `run` would feed the model for `inputs` (padded as `run` pads)."""
+        return self._batch(inputs, padding_side=padding_side).tokens
+
+    def to_str_tokens(self, inputs: Inputs | int) -> list[str] | list[list[str]]:
+        """Each token of `inputs` as text: a list for a string or a 1-d tensor, a list per prompt otherwise."""
+        if isinstance(inputs, int) and not isinstance(inputs, bool):
+            inputs = torch.tensor([inputs])
+        if isinstance(inputs, torch.Tensor) and inputs.dim() <= 1:
+            return token_strings(self.tokenizer, inputs.reshape(-1).tolist())
+        batch = self._batch(inputs)
+        rows = [row[mask.bool()].tolist() for row, mask in zip(batch.tokens, batch.attention_mask)]
+        strings = [token_strings(self.tokenizer, row) for row in rows]
+        return strings[0] if isinstance(inputs, str) else strings
+
+    def to_string(self, tokens: torch.Tensor | Iterable[int] | int) -> str | list[str]:
+        """Token ids decoded to text: one string for one sequence, a list of strings for `[batch, pos]`."""
+        if self.tokenizer is None:
+            raise InputError(self._no_tokenizer("decoding tokens"))
+        ids = torch.as_tensor(tokens if not isinstance(tokens, int) else [tokens])
+        if ids.dim() == 2:
+            return [self.tokenizer.decode(row.tolist()) for row in ids]
+        return self.tokenizer.decode(ids.reshape(-1).tolist())
+
+    def _batch(self, inputs: Inputs, attention_mask: torch.Tensor | None = None, padding_side: str | None = None) -> Batch:
+        if self._config is None and isinstance(inputs, torch.Tensor):
+            return Batch(inputs, None)  # any nn.Module: its input goes through unchanged
+        if self.tokenizer is None and not isinstance(inputs, torch.Tensor):
+            raise InputError(self._no_tokenizer("running strings"))
+        return to_batch(inputs, self.tokenizer, attention_mask, self._max_length, self._vocab_size(), padding_side)
+
+    def _no_tokenizer(self, what: str) -> str:
+        cause = f" (loading it failed: {self._tokenizer_problem})" if self._tokenizer_problem else ""
+        return (
+            f"{what} needs a tokenizer and this model has none{cause}: pass one to neuronmap.load(model, "
+            "tokenizer=...) or give token ids"
+        )
+
+    def _vocab_size(self) -> int | None:
+        embeddings = getattr(self.module, "get_input_embeddings", lambda: None)()
+        return embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else None
+
+    def _actions(self, capture: list[str], interventions: Mapping[str, Intervention], recorder: Recorder | None) -> dict:
         per_point: dict[str, list[Intervention]] = {}
         for pattern, value in interventions.items():
-            if not (callable(value) or isinstance(value, torch.Tensor)):
-                raise InterventionError(
-                    f"intervention on {pattern!r} must be a function fn(activation, hook) or a tensor, "
-                    f"not {type(value).__name__}"
-                )
+            _check_intervention(pattern, value)
             for name in self.resolve(pattern):
                 per_point.setdefault(name, []).append(value)
-        names = [name for name in self._points if name in per_point or name in capture]
+        watched = recorder.grad_names if recorder is not None else frozenset()
+        names = [name for name in self._points if name in per_point or name in capture or name in watched]
         return {
             self._points[name]: _PointAction(
-                self._points[name], per_point.get(name, []), recorder if name in capture else None
+                self._points[name], per_point.get(name, []), recorder, capture=name in capture, watch=name in watched
             )
             for name in names
         }
@@ -180,18 +280,25 @@ class Model:
 
 
 class _PointAction:
-    """What happens at one hook point in one run: interventions in order, then capture of the result."""
+    """What happens at one hook point in one run: interventions in order, then (for gradients) an identity node
+    whose gradient is recorded, then capture of the result."""
 
-    def __init__(self, point: HookPoint, interventions: list[Intervention], recorder: _Recorder | None):
+    def __init__(
+        self, point: HookPoint, interventions: list[Intervention], recorder: Recorder | None, *, capture: bool, watch: bool
+    ):
         self.point = point
         self.interventions = interventions
         self.recorder = recorder
+        self.capture = capture
+        self.watch = watch
 
     def __call__(self, activation: torch.Tensor) -> torch.Tensor | None:
         original = activation
         for value in self.interventions:
             activation = self._apply(value, activation)
-        if self.recorder is not None:
+        if self.watch:
+            activation = self.recorder.watch(self.point, activation)
+        if self.capture:
             self.recorder.record(self.point, activation)
         return None if activation is original else activation
 
@@ -200,7 +307,14 @@ class _PointAction:
             replacement = value
         else:
             given = activation.clone()  # in-place edits must not reach tensors the model aliases elsewhere
-            replacement = value(given, self.point)
+            try:
+                replacement = value(given, self.point)
+            except NeuronMapError:
+                raise
+            except Exception as error:
+                raise InterventionError(
+                    f"intervention {_describe(value)} on {self.point.name!r} raised {type(error).__name__}: {error}"
+                ) from error
             replacement = given if replacement is None else replacement
         if not isinstance(replacement, torch.Tensor):
             raise InterventionError(
@@ -217,57 +331,38 @@ class _PointAction:
         return replacement.to(device=activation.device, dtype=activation.dtype)
 
 
-class _Recorder:
-    """Keeps captured activations, moved, cast and cut to the requested positions, without extra copies."""
-
-    def __init__(self, batch: Batch, device, dtype: torch.dtype | None, positions: Positions):
-        self.activations: dict[str, torch.Tensor] = {}
-        self.device = device
-        self.dtype = dtype
-        self.positions = positions
-        if isinstance(positions, str) and positions != "last":
-            raise InputError(f"capture_positions {positions!r} is not valid; did you mean 'last'?")
-        if positions == "last" and batch.attention_mask is None:
-            raise InputError("capture_positions='last' needs token inputs with an attention mask; use -1")
-        self.last = batch.last_positions if positions == "last" else None
-
-    def record(self, point: HookPoint, activation: torch.Tensor) -> None:
-        kept = _select_positions(activation.detach(), point.pos_dim, self.positions, self.last)
-        kept = kept.to(device=self.device or kept.device, dtype=self.dtype or kept.dtype)
-        if kept.untyped_storage().nbytes() > kept.numel() * kept.element_size():
-            kept = kept.clone()  # a view would keep its whole base tensor alive
-        self.activations[point.name] = kept
-
-
-def _select_positions(tensor: torch.Tensor, dim: int, positions: Positions, last: torch.Tensor | None) -> torch.Tensor:
-    if positions is None:
-        return tensor
-    if isinstance(positions, str):
-        rows = torch.arange(tensor.shape[0], device=tensor.device)
-        return tensor.movedim(dim, 1)[rows, last.to(tensor.device)].unsqueeze(1).movedim(1, dim)
-    if isinstance(positions, int):
-        positions = slice(positions, positions + 1 if positions != -1 else None)
-    if isinstance(positions, slice):
-        return tensor[(slice(None),) * dim + (positions,)]
-    index = torch.as_tensor(positions, dtype=torch.long, device=tensor.device)
-    return tensor.index_select(dim, index % tensor.shape[dim])
-
-
-def _from_pretrained(path: str, **kwargs: Any) -> tuple[nn.Module, Any]:
-    import transformers
-
+def _check_intervention(pattern: str, value: Any) -> None:
+    """Refuse, before anything runs, an intervention that is not a tensor or a function of (activation, hook)."""
+    if isinstance(value, torch.Tensor):
+        return
+    if not callable(value):
+        raise InterventionError(
+            f"intervention on {pattern!r} must be a function fn(activation, hook) or a tensor, not {type(value).__name__}"
+        )
     try:
-        config = transformers.AutoConfig.from_pretrained(path)
-        architectures = getattr(config, "architectures", None) or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        model = (model_class or transformers.AutoModel).from_pretrained(path, **kwargs)
-    except OSError as error:
-        raise LoadError(f"could not load {path!r} with from_pretrained: {error}") from None
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):  # some builtins have no signature: they are called and judged then
+        return
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+        signature.bind(None, None)
+    except TypeError:
+        raise InterventionError(
+            f"intervention {_describe(value)} on {pattern!r} must accept two arguments, fn(activation, hook); "
+            f"its signature is {signature}"
+        ) from None
+
+
+def _describe(function: Any) -> str:
+    return getattr(function, "__qualname__", None) or type(function).__name__
+
+
+def _pad_token(tokenizer: Any, config: Any) -> int | None:
+    for source in (tokenizer, config):
+        for attribute in ("pad_token_id", "eos_token_id"):
+            value = getattr(source, attribute, None)
+            if isinstance(value, int):
+                return value
+    return None
 
 
 def _default_name(module: nn.Module) -> str:
@@ -286,4 +381,3 @@ def _context_length(config: Any) -> int | None:
                 return value - config.pad_token_id - 1  # RoBERTa's positions start after the padding index
             return value
     return None
-

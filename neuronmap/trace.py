@@ -7,23 +7,36 @@ from typing import Any
 
 import torch
 
+from .capture import Recorder
 from .display import Renders, format_bytes, html_table
-from .errors import HookNameError
-from .inputs import Batch
+from .errors import HookNameError, NotCapturedError
+from .inputs import Batch, token_strings
 
 
 class Trace(Renders):
     """The result of `Model.run`: `.logits`, `.tokens`, `.str_tokens`, and `trace[name]` for captured activations.
 
     `.attention_mask` marks real tokens (1) and padding (0) in `.tokens`, e.g. for mean pooling over a batch;
-    `.output` is the model's whole output (for models without logits, such as a bare `BertModel`).
+    `.output` is the model's whole output (for models without logits, such as a bare `BertModel`). After a
+    backward pass, `trace.grad(name)` is the gradient at each hook point named in `capture_grad`.
     """
 
-    def __init__(self, output: Any, batch: Batch, activations: dict[str, torch.Tensor], tokenizer: Any, model_name: str):
+    def __init__(
+        self,
+        output: Any,
+        batch: Batch,
+        recorder: Recorder,
+        tokenizer: Any,
+        model_name: str,
+        hook_names: list[str],
+    ):
         self.output = output
         self.tokens = batch.tokens
         self.attention_mask = batch.attention_mask
-        self._activations = activations
+        self._activations = recorder.activations
+        self._gradients = recorder.gradients
+        self._hook_names = hook_names
+        self._grad_names = [name for name in hook_names if name in recorder.grad_names]
         self._tokenizer = tokenizer
         self.model_name = model_name
 
@@ -39,17 +52,46 @@ class Trace(Renders):
         """Each prompt's tokens as strings (padding left out), one list per prompt."""
         if self.attention_mask is None:
             raise AttributeError("str_tokens: this trace's input was not token ids")
-        if self._tokenizer is None:
-            return [[str(int(t)) for t, keep in zip(row, mask) if keep] for row, mask in zip(self.tokens, self.attention_mask)]
-        return [
-            [self._tokenizer.decode([int(t)]) for t, keep in zip(row, mask) if keep]
-            for row, mask in zip(self.tokens, self.attention_mask)
-        ]
+        return [token_strings(self._tokenizer, row[mask.bool()].tolist()) for row, mask in zip(self.tokens, self.attention_mask)]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._activations:
-            raise HookNameError(name, self._activations)
+            self._check_hook_name(name)
+            raise NotCapturedError(
+                name,
+                f"{name!r} was not captured in this run; run again with model.run(..., capture={name!r}) "
+                f"(captured: {_listed(self._activations)})",
+            )
         return self._activations[name]
+
+    def grad(self, name: str) -> torch.Tensor:
+        """The gradient the latest backward pass brought to hook point `name` (d metric / d activation).
+
+        Cut, cast and moved like the captures; the run must have named `name` in `capture_grad`.
+        """
+        if name not in self._grad_names:
+            self._check_hook_name(name)
+            raise NotCapturedError(
+                name,
+                f"no gradient is recorded for {name!r} in this run; run again with model.run(..., "
+                f"capture_grad={name!r}) (recorded: {_listed(self._grad_names)})",
+            )
+        if name not in self._gradients:
+            raise NotCapturedError(
+                name,
+                f"no gradient has reached {name!r} yet: call .backward() on a scalar computed from this trace "
+                "(e.g. from trace.logits) first",
+            )
+        return self._gradients[name]
+
+    @property
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Every gradient recorded so far, by hook name."""
+        return dict(self._gradients)
+
+    def _check_hook_name(self, name: str) -> None:
+        if name not in self._hook_names:
+            raise HookNameError(name, self._hook_names)
 
     def __contains__(self, name: object) -> bool:
         return name in self._activations
@@ -90,3 +132,8 @@ class Trace(Renders):
         ]
         caption = f"Trace of {self.model_name}: {len(self)} activations, tokens {list(self.tokens.shape)}, {format_bytes(self.nbytes)}"
         return html_table(caption, ("hook", "shape", "dtype", "device", "memory"), rows, numeric=(4,))
+
+
+def _listed(names) -> str:
+    names = [repr(name) for name in names]
+    return ", ".join(names[:6]) + (", ..." if len(names) > 6 else "") if names else "nothing"

@@ -73,8 +73,48 @@ def test_unknown_capture_positions(model):
 def test_load_rejects_what_it_cannot_load(tmp_path):
     with pytest.raises(nm.LoadError, match="int"):
         nm.load(12)
-    with pytest.raises(nm.LoadError, match="from_pretrained"):
+    with pytest.raises(nm.LoadError, match="does not exist"):
         nm.load(tmp_path / "missing")
+
+
+def test_token_ids_outside_the_vocabulary_name_the_id_and_the_range(model):
+    vocab = model.module.config.vocab_size
+    ids = tokens()
+    ids[1, 4] = vocab
+    with pytest.raises(nm.InputError, match=rf"token id {vocab} at \[1, 4\] is outside the model's vocabulary: ids run from 0 to {vocab - 1}"):
+        model.run(ids)
+    with pytest.raises(nm.InputError, match="token id -1 at"):
+        model.run(torch.tensor([[3, -1, 4]]))
+    assert model.list_hooks() == []
+
+
+def test_an_intervention_that_raises_is_an_intervention_error_naming_the_hook_point(model):
+    def broken(resid, hook):
+        return resid * (1 / 0)
+
+    with pytest.raises(nm.InterventionError, match=r"broken.* on 'blocks\.0\.hook_resid_post' raised ZeroDivisionError") as raised:
+        model.run(tokens(), interventions={"blocks.0.hook_resid_post": broken})
+    assert isinstance(raised.value.__cause__, ZeroDivisionError)
+    assert model.list_hooks() == []
+
+
+def test_a_one_argument_intervention_is_refused_before_the_run(model):
+    calls = []
+
+    def one_argument(resid):
+        calls.append(resid)
+
+    with pytest.raises(nm.InterventionError, match=r"one_argument on 'blocks\.0\.hook_resid_post' must accept two arguments, fn\(activation, hook\)"):
+        model.run(tokens(), interventions={"blocks.0.hook_resid_post": one_argument})
+    assert calls == [] and model.list_hooks() == []
+
+
+def test_an_intervention_taking_the_hook_by_keyword_or_extra_defaults_is_accepted(model):
+    def flexible(resid, hook=None, scale=1.0):
+        return resid * scale
+
+    model.run(tokens(), interventions={"blocks.0.hook_resid_post": flexible})
+    model.run(tokens(), interventions={"blocks.0.hook_resid_post": lambda *args: None})
 
 
 def test_all_errors_share_one_base(model):

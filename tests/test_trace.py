@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import neuronmap as nm
@@ -16,14 +17,21 @@ def test_trace_is_a_read_only_mapping_of_what_was_captured():
     assert trace.nbytes == 2 * 2 * 9 * 32 * 4
 
 
-def test_asking_for_an_uncaptured_name_suggests_the_captured_ones():
+def test_a_hook_point_that_was_not_captured_says_so_and_how_to_capture_it():
     trace = nm.load(make_model("gpt2")).run(tokens(), capture="blocks.0.hook_resid_post")
-    try:
-        trace["blocks.0.hook_resid_pre"]
-    except nm.HookNameError as error:
-        assert "blocks.0.hook_resid_post" in str(error)
-    else:
-        raise AssertionError("expected HookNameError")
+    with pytest.raises(nm.NotCapturedError) as raised:
+        trace["blocks.0.hook_resid_mid"]
+    message = str(raised.value)
+    assert "'blocks.0.hook_resid_mid' was not captured in this run" in message
+    assert "model.run(..., capture='blocks.0.hook_resid_mid')" in message
+    assert "captured: 'blocks.0.hook_resid_post'" in message and "not a hook point" not in message
+    assert isinstance(raised.value, KeyError)
+
+
+def test_a_name_that_is_no_hook_point_suggests_the_closest():
+    trace = nm.load(make_model("gpt2")).run(tokens(), capture="blocks.0.hook_resid_post")
+    with pytest.raises(nm.HookNameError, match=r"is not a hook point of this model; did you mean 'blocks\.0\.hook_resid_mid'"):
+        trace["blocks.0.hook_resid_mdi"]
 
 
 def test_capture_options_move_cast_and_cut_positions():

