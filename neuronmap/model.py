@@ -174,8 +174,9 @@ class Model:
 
         With the cache, each step after the first runs only the new token, so an intervention function sees
         `[batch, 1, ...]` activations there (attention patterns `[batch, head, 1, key]`). Greedy by default;
-        `kwargs` go to `transformers`' `generate`. Returns text for text (prompt and continuation, like
-        TransformerLens) and token ids `[batch, pos + new]` for token ids. A list of strings is left-padded.
+        `kwargs` go to `transformers`' `generate`. Returns text for text (prompt and continuation without special
+        tokens, like TransformerLens) and token ids `[batch, pos + new]` for token ids. A list of strings is
+        left-padded, so every prompt continues from its own last token.
         """
         if self._config is None or not callable(getattr(self.module, "generate", None)):
             raise InputError(f"generate needs a Hugging Face model with a language-model head, not a {type(self.module).__name__}")
@@ -202,7 +203,7 @@ class Model:
         if isinstance(inputs, torch.Tensor):
             return tokens
         pads = (batch.attention_mask == 0).sum(dim=1).tolist()
-        texts = [self.to_string(row[pad:]) for row, pad in zip(tokens, pads)]
+        texts = [self.tokenizer.decode(row[pad:].tolist(), skip_special_tokens=True) for row, pad in zip(tokens, pads)]
         return texts[0] if isinstance(inputs, str) else texts
 
     def to_tokens(self, inputs: Inputs, *, padding_side: str | None = None) -> torch.Tensor:
