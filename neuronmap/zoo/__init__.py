@@ -2,7 +2,8 @@
 
 `zoo.list()` shows the entries with their cards; `zoo.load(name)` loads one offline through the normal
 `from_pretrained` path on its package directory, tokenizer included. Each trained entry is reproducible with
-`python -m neuronmap.zoo.train NAME`, which also rewrites its card from measurement.
+`python -m neuronmap.zoo.train NAME` (into a new directory; `--replace-shipped` rewrites the shipped copy and its
+card from measurement).
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def path(name: str) -> Path:
     if name in TRAINED:
         directory = MODELS_DIR / name
         if not (directory / "config.json").exists():
-            raise LoadError(f"zoo model {name!r} has no weights in {directory}; run: python -m neuronmap.zoo.train {name}")
+            raise LoadError(
+                f"zoo model {name!r} has no weights in {directory}; run: python -m neuronmap.zoo.train {name} --replace-shipped"
+            )
         return directory
     if name == MINILM:
         try:
@@ -120,7 +123,7 @@ def card(name: str) -> dict[str, Any]:
 def _trained_entry(name: str) -> Entry:
     directory = MODELS_DIR / name
     if not (directory / "card.json").exists():
-        return Entry(name, "—", None, None, f"not trained yet: python -m neuronmap.zoo.train {name}", available=False)
+        return Entry(name, "—", None, None, f"not trained yet: python -m neuronmap.zoo.train {name} --replace-shipped", available=False)
     info = json.loads((directory / "card.json").read_text())
     return Entry(
         name=name,
