@@ -1,10 +1,13 @@
-"""Small seeded models of every supported family, and a word-level tokenizer, all built offline."""
+"""Small seeded models of every supported family, and a word-level tokenizer, all built offline; and a session in
+which Jupyter and IPython keep their files in a temporary folder, never in the user's home."""
 
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,33 @@ import torch
 import transformers
 
 WORDS = ["<pad>", "<unk>", "<s>"] + "the cat sat on mat a dog ran to park when mary and john went store gave drink".split()
+
+
+JUPYTER_FOLDERS = {
+    "JUPYTER_DATA_DIR": "data", "JUPYTER_CONFIG_DIR": "config", "JUPYTER_RUNTIME_DIR": "runtime", "IPYTHONDIR": "ipython",
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jupyter_home():
+    """Point Jupyter's data, config and runtime folders and IPython's at a temporary folder for the whole session.
+
+    Kernels, papermill, nbval, nbconvert and the Jupyter servers the tests start inherit the environment, so
+    notebook signatures, secrets, kernel connection files and IPython history stay out of the user's home.
+    """
+    saved = {key: os.environ.get(key) for key in JUPYTER_FOLDERS}
+    with tempfile.TemporaryDirectory(prefix="neuronmap-jupyter-") as folder:
+        for key, name in JUPYTER_FOLDERS.items():
+            os.environ[key] = os.path.join(folder, name)
+            os.makedirs(os.environ[key], exist_ok=True)
+        try:
+            yield Path(folder)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
