@@ -1,18 +1,26 @@
-"""The notebook suite: every tutorial runs under papermill, and its committed outputs pass nbval.
+"""The notebook suite: every tutorial is a student copy that runs, and a solved copy whose checkers all pass.
 
-Each notebook in `tutorials/` (picked up by glob) is
-1. executed with papermill into a temporary folder (the exercises' solutions run, errors fail the test), and
-2. re-run by nbval, which compares every cell's output with the output committed in the notebook, after the
-   substitutions in `tests/nbval_sanitize.cfg` (addresses, temporary paths, timings: never whole outputs).
+The tutorials are committed as student copies: each exercise cell (tagged `exercise-N`) holds a placeholder
+(`answer = ...`), and the checker below it says "✗ Not yet". Their solutions live in `tutorials/solutions/`, and
+`neuronmap.course.solve` writes the solved copy. For each notebook in `tutorials/` (picked up by glob):
+1. the committed student copy is executed top to bottom, with no local paths, and every checker in it says
+   "✗ Not yet: replace the `...`", one per exercise;
+2. nbval re-runs it and compares every cell's output with the committed one, after the substitutions in
+   `tests/nbval_sanitize.cfg` (addresses, temporary paths, timings: never whole outputs), so the student copy
+   still runs and its checkers still say "not yet", without an error;
+3. its solved copy is executed with papermill: every checker says "✓ Correct", one per exercise, and every
+   number that a checker or a prose cell states is one the notebook's code printed (so they cannot disagree).
 
-So tutorials are committed executed. After changing a tutorial, or library code whose output it shows,
-regenerate the committed outputs (executes with papermill, then drops papermill's timestamps and paths):
+After changing a tutorial, or library code whose output it shows, regenerate the committed outputs of the
+student copy (executes with papermill, then drops papermill's timestamps and paths):
 
     python tests/test_notebooks.py                                   # every tutorial
     python tests/test_notebooks.py tutorials/01_capture_and_intervene.ipynb
 
 Both the tests and the regeneration run the notebooks on this interpreter (`sys.executable`) through a
-kernelspec written to a temporary folder, so they work in any fresh virtual environment with ipykernel.
+kernelspec written to a temporary folder, so they work in any fresh virtual environment with ipykernel. Jupyter's
+and IPython's data, configuration and runtime folders are in that temporary folder too, so no run writes into
+the user's home (`~/.local/share/jupyter`, `~/.ipython`).
 """
 
 from __future__ import annotations
@@ -24,10 +32,14 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from neuronmap.course import solve
+from neuronmap.course.feedback import PLACEHOLDER_HINT
+from neuronmap.course.solutions import exercise_tags
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
 
@@ -37,6 +49,9 @@ SANITIZE = Path(__file__).with_name("nbval_sanitize.cfg")
 KERNEL_NAME = "neuronmap-notebooks"
 STANDARD_KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 CELL_TIMEOUT_S = 600
+ISOLATED = ("JUPYTER_DATA_DIR", "JUPYTER_CONFIG_DIR", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR")
+CHECKER_LINE = re.compile(r"^(?:✓ Correct|✗ Not yet): .*$", re.MULTILINE)
+MEASURED = re.compile(r"(?<![\w.])\d+\.\d{2,}(?!\w|\.\d)")  # a measured number such as 0.93 (not a head name such as 1.2)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +63,28 @@ def notebook_env() -> Iterator[dict[str, str]]:
         yield env
 
 
+@pytest.fixture(scope="module")
+def solved_run(notebook_env, tmp_path_factory) -> Callable[[Path], dict]:
+    """The solved copy of a tutorial, executed with papermill (once per notebook), as notebook JSON."""
+    import papermill
+
+    runs: dict[Path, dict] = {}
+
+    def run(notebook: Path) -> dict:
+        if notebook not in runs:
+            folder = tmp_path_factory.mktemp("solved")
+            solved = solve(notebook, folder / f"solved-{notebook.name}")
+            executed = folder / notebook.name
+            papermill.execute_notebook(
+                str(solved), str(executed), kernel_name=KERNEL_NAME, cwd=str(notebook.parent),
+                progress_bar=False, execution_timeout=CELL_TIMEOUT_S,
+            )
+            runs[notebook] = json.loads(executed.read_text(encoding="utf-8"))
+        return runs[notebook]
+
+    return run
+
+
 def test_the_tutorials_are_found():
     assert TUTORIALS, f"no notebooks in {ROOT / 'tutorials'}"
 
@@ -57,6 +94,26 @@ def test_the_notebook_kernel_runs_this_interpreter(notebook_env):
 
     spec = KernelSpecManager().get_kernel_spec(KERNEL_NAME)
     assert spec.argv[0] == sys.executable
+
+
+def test_a_notebook_run_writes_nothing_into_home(tmp_path: Path):
+    """papermill and nbval in `_kernel_environment` alone (as the regeneration runs, outside pytest's session
+    isolation), with HOME pointing at an empty folder, leave it empty: no connection files, no IPython history."""
+    home, notebook, executed = tmp_path / "home", tmp_path / "tiny.ipynb", tmp_path / "executed.ipynb"
+    home.mkdir()
+    cell = {"cell_type": "code", "execution_count": None, "id": "c0", "metadata": {}, "outputs": [], "source": ["print(1 + 1)"]}
+    notebook.write_text(json.dumps({"cells": [cell], "metadata": {"kernelspec": dict(STANDARD_KERNELSPEC)}, "nbformat": 4, "nbformat_minor": 5}))
+    with _kernel_environment() as env:
+        inherited = {key: value for key, value in os.environ.items() if key not in ISOLATED}
+        run_env = {**inherited, **env, "HOME": str(home)}
+        for command in (
+            [sys.executable, "-m", "papermill", "-k", KERNEL_NAME, "--no-progress-bar", str(notebook), str(executed)],
+            [sys.executable, "-m", "pytest", str(executed), "--nbval", "--nbval-current-env", "-p", "no:cacheprovider", "-o", "addopts=", "-q"],
+        ):
+            result = subprocess.run(command, cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=CELL_TIMEOUT_S)
+            assert result.returncode == 0, f"{command}\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    written = sorted(str(path.relative_to(home)) for path in home.rglob("*"))
+    assert written == [], f"a notebook run wrote into the home folder: {written}"
 
 
 @pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda path: path.name)
@@ -77,19 +134,31 @@ def test_committed_notebook_is_executed_and_clean(notebook: Path):
 
 
 @pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda path: path.name)
-def test_notebook_executes_with_papermill(notebook: Path, notebook_env, tmp_path: Path):
-    import papermill
+def test_committed_notebook_is_the_student_copy(notebook: Path, tmp_path: Path):
+    """Every exercise cell holds a placeholder, has a solution, and its checker says "not yet" without error."""
+    tags = exercise_tags(notebook)
+    assert tags, f"{notebook.name} has no exercise cells (tagged exercise-N)"
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    for cell in nb["cells"]:
+        if set(cell.get("metadata", {}).get("tags", [])) & set(tags):
+            assert "...  # YOUR ANSWER" in "".join(cell["source"]), f"an exercise cell of {notebook.name} is not a placeholder"
+    solve(notebook, tmp_path / notebook.name)  # raises unless tags and solution blocks match one to one
+    lines = _checker_lines(nb)
+    assert len(lines) == len(tags), f"{len(lines)} checker lines for {len(tags)} exercises: {lines}"
+    assert all(line.startswith(f"✗ Not yet: {PLACEHOLDER_HINT}") for line in lines), lines
 
-    output = tmp_path / notebook.name
-    papermill.execute_notebook(
-        str(notebook),
-        str(output),
-        kernel_name=KERNEL_NAME,
-        cwd=str(notebook.parent),
-        progress_bar=False,
-        execution_timeout=CELL_TIMEOUT_S,
-    )
-    assert output.exists()
+
+@pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda path: path.name)
+def test_solved_notebook_passes_every_checker(notebook: Path, solved_run):
+    lines = _checker_lines(solved_run(notebook))
+    assert len(lines) == len(exercise_tags(notebook)), lines
+    assert all(line.startswith("✓ Correct: ") for line in lines), lines
+
+
+@pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda path: path.name)
+def test_numbers_in_prose_and_checkers_are_ones_the_notebook_printed(notebook: Path, solved_run):
+    unprinted = _unprinted_numbers(solved_run(notebook))
+    assert not unprinted, f"{notebook.name} states numbers that its code did not print there:\n" + "\n".join(unprinted)
 
 
 @pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda path: path.name)
@@ -121,22 +190,70 @@ def test_notebook_outputs_match_with_nbval(notebook: Path, notebook_env):
 def _kernel_environment() -> Iterator[dict[str, str]]:
     """A temporary kernelspec `KERNEL_NAME` that runs `sys.executable`, and environment variables that find it.
 
+    Jupyter's data (where the kernelspec is, and `nbsignatures.db`), configuration and runtime (connection files)
+    folders and IPython's (history) are all in the temporary folder, so nothing is written into the user's home.
     The checkout goes first on PYTHONPATH so the kernel imports this `neuronmap` even when it is not installed;
     the model hub is switched off (tutorials use models shipped in installed packages).
     """
     from ipykernel.kernelspec import write_kernel_spec
 
     with tempfile.TemporaryDirectory(prefix="neuronmap-kernels-") as folder:
-        write_kernel_spec(os.path.join(folder, "kernels", KERNEL_NAME), overrides={"display_name": KERNEL_NAME})
+        isolated = {key: os.path.join(folder, key.lower()) for key in ISOLATED}
+        write_kernel_spec(os.path.join(isolated["JUPYTER_DATA_DIR"], "kernels", KERNEL_NAME), overrides={"display_name": KERNEL_NAME})
         python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        jupyter_path = os.pathsep.join(p for p in (folder, os.environ.get("JUPYTER_PATH", "")) if p)
         yield {
-            "JUPYTER_PATH": jupyter_path,
+            **isolated,
             "PYTHONPATH": python_path,
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         }
+
+
+def _checker_lines(nb: dict) -> list[str]:
+    """Every ✓/✗ line that a checker printed, in notebook order."""
+    return [line for text in _output_texts(nb) for line in CHECKER_LINE.findall(text)]
+
+
+def _output_texts(nb: dict) -> list[str]:
+    """The text of every code cell's printed and plain-text outputs (not HTML), in notebook order."""
+    return [text for cell in nb["cells"] for text in _cell_texts(cell)]
+
+
+def _cell_texts(cell: dict) -> list[str]:
+    texts = []
+    for output in cell.get("outputs", []):
+        text = output.get("text") if output["output_type"] == "stream" else output.get("data", {}).get("text/plain")
+        if text:
+            texts.append("".join(text))
+    return texts
+
+
+def _unprinted_numbers(nb: dict) -> list[str]:
+    """Measured numbers stated by a checker or a prose cell that the code around them did not print.
+
+    A checker's numbers must have been printed since the previous checker line (in the cells of its exercise); a
+    prose cell's, by the code cells between the markdown cells before and after it.
+    """
+    unprinted: list[str] = []
+    since_check: list[str] = []
+    sections: list[tuple[list[str], list[str]]] = [([], [])]  # (prose lines, output lines) between markdown cells
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            sections.append(("".join(cell["source"]).splitlines(), []))
+            continue
+        for line in "\n".join(_cell_texts(cell)).splitlines():
+            if CHECKER_LINE.match(line):
+                printed = set(MEASURED.findall("\n".join(since_check)))
+                unprinted += [f"{number} in {line!r}" for number in MEASURED.findall(line) if number not in printed]
+                since_check = []
+            else:
+                since_check.append(line)
+                sections[-1][1].append(line)
+    for (_, before), (prose, after) in zip(sections, sections[1:]):
+        printed = set(MEASURED.findall("\n".join(before + after)))
+        unprinted += [f"{number} in {line!r}" for line in prose for number in MEASURED.findall(line) if number not in printed]
+    return unprinted
 
 
 def _absolute_paths(text: str) -> list[str]:

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .feedback import failed, module_of, passed, zero_input_slice
+from .feedback import failed, is_placeholder, module_of, not_started, passed, zero_input_slice
 
 __all__ = ["check_most_important_head", "check_patched_similarity", "check_residual_sum"]
 
 
-def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
+def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor, *, reveal: bool = False) -> bool:
     """Check a reconstruction of a GPT-2 model's last `hook_resid_post` from its captured components.
 
     `model` is the NeuronMap model (or the bare `GPT2LMHeadModel`) and `tokens` the `[batch, pos]` ids that
@@ -28,17 +28,26 @@ def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
     """
     module = module_of(model)
     blocks = module.base_model.h
+    last = f"blocks.{len(blocks) - 1}.hook_resid_post"
+
+    def solution() -> str:
+        return "hook_embed + hook_pos_embed + the sum, over every block L, of blocks.L.hook_attn_out + blocks.L.hook_mlp_out"
+
+    if is_placeholder(answer):
+        return not_started(solution, reveal)
     tokens = torch.as_tensor(tokens)
     tokens = tokens.unsqueeze(0) if tokens.dim() == 1 else tokens
     with torch.no_grad(), _read_output(blocks[-1]) as seen:
         module(input_ids=tokens)
     expected = seen["output"]
-    last = f"blocks.{len(blocks) - 1}.hook_resid_post"
     if not isinstance(answer, torch.Tensor):
-        return failed(f"the answer should be a tensor shaped like {last}, {list(expected.shape)}; got a {type(answer).__name__}")
+        return failed(
+            f"the answer should be a tensor shaped like {last}, {list(expected.shape)}; got a {type(answer).__name__}",
+            solution, reveal,
+        )
     answer = answer.detach().to(expected.dtype)
     if answer.shape != expected.shape:
-        return failed(f"the answer has shape {list(answer.shape)}, but {last} has shape {list(expected.shape)}")
+        return failed(f"the answer has shape {list(answer.shape)}, but {last} has shape {list(expected.shape)}", solution, reveal)
     if torch.allclose(answer, expected, atol=1e-4, rtol=1e-4):
         return passed(
             f"embeddings + positions + every attn_out + every mlp_out reproduce {last}: "
@@ -48,16 +57,18 @@ def check_residual_sum(answer: Any, model: Any, tokens: torch.Tensor) -> bool:
         positions = module.base_model.wpe(torch.arange(tokens.shape[1]))
         normalized = module.base_model.ln_f(expected)
     if torch.allclose(answer + positions, expected, atol=1e-4, rtol=1e-4):
-        return failed("the positional embeddings (hook_pos_embed) are missing from the sum")
-    if torch.allclose(answer, normalized, atol=1e-4, rtol=1e-4):
-        return failed(f"that is the final LayerNorm's output (ln_final.hook_normalized), not {last}")
-    return failed(
-        f"the sum differs from {last} by up to {_max_error(answer, expected):.3g}: add hook_embed, hook_pos_embed "
-        f"and, for every block, hook_attn_out and hook_mlp_out (and nothing else)"
-    )
+        hint = "the positional embeddings (hook_pos_embed) are missing from the sum"
+    elif torch.allclose(answer, normalized, atol=1e-4, rtol=1e-4):
+        hint = f"that is the final LayerNorm's output (ln_final.hook_normalized), not {last}"
+    else:
+        hint = (
+            f"the sum differs from {last} by up to {_max_error(answer, expected):.3g}: the stream starts as the "
+            f"token and position embeddings, and each block adds what its attention and its MLP write (nothing else)"
+        )
+    return failed(hint, solution, reveal)
 
 
-def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str], layer: int) -> bool:
+def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str], layer: int, *, reveal: bool = False) -> bool:
     """Check which attention head of BERT-family `layer`, zero-ablated, moves the two sentences' similarity most.
 
     The similarity is the cosine of the mean-pooled last hidden states; "most" means the largest absolute
@@ -75,23 +86,30 @@ def check_most_important_head(answer: Any, model: Any, sentences: Sequence[str],
         with zero_input_slice(projection, head * d_head, (head + 1) * d_head):
             changes.append(_similarity(module, encoded) - base)
     best = max(range(n_heads), key=lambda h: abs(changes[h]))
+
+    def solution() -> str:
+        return f"head {best}: ablating it changes the similarity by {changes[best]:+.3f}"
+
+    if is_placeholder(answer):
+        return not_started(solution, reveal)
     if isinstance(answer, torch.Tensor) and answer.numel() == 1:
         answer = answer.item()
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < n_heads:
-        return failed(f"the answer should be a head index, an int from 0 to {n_heads - 1}; got {answer!r}")
+        return failed(f"the answer should be a head index, an int from 0 to {n_heads - 1}; got {answer!r}", solution, reveal)
     if math.isclose(abs(changes[answer]), abs(changes[best]), abs_tol=1e-6):
         return passed(
             f"ablating head {answer} of layer {layer} changes the similarity by {changes[answer]:+.3f}, "
             f"the most of the layer's {n_heads} heads"
         )
-    hint = ""
+    larger = sum(abs(change) > abs(changes[answer]) + 1e-6 for change in changes)
+    hint = (
+        f"ablating head {answer} of layer {layer} changes the similarity by {changes[answer]:+.3f}, but "
+        f"{larger} other head{'s' if larger > 1 else ''} of that layer change{'' if larger > 1 else 's'} it more."
+    )
     signed = max(range(n_heads), key=lambda h: changes[h]), min(range(n_heads), key=lambda h: changes[h])
     if answer in signed:
-        hint = " Compare absolute changes: a head matters whether it raises or lowers the similarity."
-    return failed(
-        f"ablating head {answer} of layer {layer} changes the similarity by {changes[answer]:+.3f}, "
-        f"but another head of that layer changes it by {changes[best]:+.3f}.{hint}"
-    )
+        hint += " Compare absolute changes: a head matters whether it raises or lowers the similarity."
+    return failed(hint, solution, reveal)
 
 
 def check_patched_similarity(
@@ -101,6 +119,8 @@ def check_patched_similarity(
     corrupted: str,
     probe: str,
     cases: Sequence[tuple[int, int]] | None = None,
+    *,
+    reveal: bool = False,
 ) -> bool:
     """Check `answer(layer, position)`: the probe similarity of `corrupted` with one residual vector patched.
 
@@ -109,6 +129,18 @@ def check_patched_similarity(
     probe sentence's. `cases` are the (layer, position) pairs tried; by default the first and last layer at
     the first position where the two inputs differ, and a middle layer at position 0.
     """
+
+    def solution() -> str:
+        return (
+            "run `corrupted` with interventions={f\"blocks.{layer}.hook_resid_post\": patch}, where patch(activation, "
+            "hook) sets activation[:, position] to the clean run's activation at that position and returns it, and "
+            "return the patched run's probe_similarity"
+        )
+
+    if is_placeholder(answer):
+        return not_started(solution, reveal)
+    if not callable(answer):
+        return failed(f"the answer should be the function patched_similarity(layer, position); got a {type(answer).__name__}", solution, reveal)
     module = module_of(model)
     layers = module.base_model.encoder.layer
     clean_ids, corrupted_ids = _encode(model, [clean]), _encode(model, [corrupted])
@@ -132,8 +164,10 @@ def check_patched_similarity(
         got = answer(layer, position)
         if isinstance(got, torch.Tensor) and got.numel() == 1:
             got = got.item()
-        if not isinstance(got, (int, float)):
-            return failed(f"patched_similarity({layer}, {position}) should return a float; got a {type(got).__name__}")
+        if is_placeholder(got):
+            return not_started(solution, reveal)
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            return failed(f"patched_similarity({layer}, {position}) should return a float; got a {type(got).__name__}", solution, reveal)
         if math.isclose(got, expected, abs_tol=1e-4):
             continue
         if math.isclose(got, unpatched, abs_tol=1e-4):
@@ -145,7 +179,7 @@ def check_patched_similarity(
             hint = "that is the clean similarity: patch only one position, not the whole sequence"
         else:
             hint = f"patch blocks.{layer}.hook_resid_post at position {position} only, from the clean run into the corrupted run"
-        return failed(f"patched_similarity({layer}, {position}) returned {got:.4f}, expected {expected:.4f}; {hint}")
+        return failed(f"patched_similarity({layer}, {position}) returned {got:.4f}, expected {expected:.4f}; {hint}", solution, reveal)
     tried = ", ".join(f"({layer}, {position})" for layer, position in cases)
     return passed(f"patched_similarity matches an independent patch at (layer, position) = {tried}")
 
