@@ -27,3 +27,8 @@ def test_the_quickstart_runs_offline_and_prints_what_its_comments_say(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     printed = [line.strip() for line in result.stdout.splitlines()]
     assert printed == expected, "\n".join(f"{p!r} vs {e!r}" for p, e in zip(printed, expected) if p != e)
+
+
+def test_the_readme_explains_the_kernel_warning_papermill_prints():
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert "Kernel is running over TCP without encryption" in readme and "127.0.0.1" in readme
