@@ -52,9 +52,10 @@ def test_previous_token_scores(model, tokens, capsys):
 def test_strongest_induction_head_reports_neuronmaps_score_on_the_same_tokens(model, tokens, induction, capsys):
     layer, head, score = induction.top(1)[0]
     assert ch02.check_strongest_induction_head((layer, head), model, tokens)
-    line = capsys.readouterr().out
-    assert f"head {layer}.{head} scores" in line
-    assert _scores(line)[0] == pytest.approx(score, abs=0.005)
+    assert f"head {layer}.{head} is the strongest induction head" in capsys.readouterr().out
+    assert not ch02.check_strongest_induction_head((0, 0), model, tokens, reveal=True)
+    revealed = capsys.readouterr().out.split("The answer:")[1]
+    assert f"head {layer}.{head}" in revealed and _scores(revealed)[0] == pytest.approx(score, abs=0.005)
 
 
 def test_a_wrong_induction_head_gets_a_hint_not_the_answer(model, tokens, induction, previous_token_heads, capsys):

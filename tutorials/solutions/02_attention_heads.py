@@ -6,7 +6,11 @@
 answer = torch.stack([patterns[layer].diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(0, 2)) for layer in patterns.layers])
 
 # %% exercise-2
-layer, head, score = induction.top(1)[0]
+scores = torch.stack([
+    standard_patterns[layer].diagonal(offset=-(length - 1), dim1=-2, dim2=-1)[..., 2:].mean(dim=(0, 2))
+    for layer in standard_patterns.layers
+])  # diagonal entry k is query length - 1 + k: the second copy starts at k = 2
+layer, head = divmod(int(scores.argmax()), scores.shape[1])
 strongest = (layer, head)
 
 # %% exercise-3
