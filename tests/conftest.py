@@ -3,11 +3,13 @@ which Jupyter and IPython keep their files in a temporary folder, never in the u
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,21 @@ JUPYTER_FOLDERS = {
 }
 
 
+@contextlib.contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, restoring what was there (or its absence) afterwards."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def jupyter_home():
     """Point Jupyter's data, config and runtime folders and IPython's at a temporary folder for the whole session.
@@ -29,19 +46,12 @@ def jupyter_home():
     Kernels, papermill, nbval, nbconvert and the Jupyter servers the tests start inherit the environment, so
     notebook signatures, secrets, kernel connection files and IPython history stay out of the user's home.
     """
-    saved = {key: os.environ.get(key) for key in JUPYTER_FOLDERS}
     with tempfile.TemporaryDirectory(prefix="neuronmap-jupyter-") as folder:
-        for key, name in JUPYTER_FOLDERS.items():
-            os.environ[key] = os.path.join(folder, name)
-            os.makedirs(os.environ[key], exist_ok=True)
-        try:
+        folders = {key: os.path.join(folder, name) for key, name in JUPYTER_FOLDERS.items()}
+        for path in folders.values():
+            os.makedirs(path)
+        with environ(folders):
             yield Path(folder)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def word_tokenizer() -> transformers.PreTrainedTokenizerFast:

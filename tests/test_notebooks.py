@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import environ
 from neuronmap.course import solve
 from neuronmap.course.feedback import PLACEHOLDER_HINT
 from neuronmap.course.solutions import exercise_tags
@@ -269,7 +270,7 @@ def regenerate(notebook: Path) -> None:
     import nbformat
     import papermill
 
-    with _kernel_environment() as env, _environ(env), tempfile.TemporaryDirectory() as folder:
+    with _kernel_environment() as env, environ(env), tempfile.TemporaryDirectory() as folder:
         executed = Path(folder) / notebook.name
         papermill.execute_notebook(
             str(notebook), str(executed), kernel_name=KERNEL_NAME, cwd=str(notebook.parent), progress_bar=False
@@ -286,20 +287,6 @@ def regenerate(notebook: Path) -> None:
     leaks = _absolute_paths(notebook.read_text(encoding="utf-8"))
     if leaks:
         raise SystemExit(f"{notebook} now stores local paths {sorted(set(leaks))}: keep them out of its outputs")
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 if __name__ == "__main__":
