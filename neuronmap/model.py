@@ -233,7 +233,7 @@ class Model:
     def _batch(self, inputs: Inputs, attention_mask: torch.Tensor | None = None, padding_side: str | None = None) -> Batch:
         if self._config is None and isinstance(inputs, torch.Tensor):
             return Batch(inputs, None)  # any nn.Module: its input goes through unchanged
-        if self.tokenizer is None and not isinstance(inputs, torch.Tensor):
+        if self.tokenizer is None and isinstance(inputs, (str, list, tuple)):
             raise InputError(self._no_tokenizer("running strings"))
         return to_batch(inputs, self.tokenizer, attention_mask, self._max_length, self._vocab_size(), padding_side)
 
