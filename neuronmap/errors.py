@@ -53,3 +53,8 @@ class InterventionError(NeuronMapError, ValueError):
 
 class LoadError(NeuronMapError, ValueError):
     """Something that `neuronmap.load` cannot turn into a model."""
+
+
+class WeightError(NeuronMapError, AttributeError):
+    """A weight a model does not have in TransformerLens's form: no adapter for its family, no learned position
+    embeddings (rotary positions), or no unembedding (a bare encoder)."""

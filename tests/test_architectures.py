@@ -82,7 +82,11 @@ def test_shapes_follow_transformerlens(hf_model, full_trace):
     assert full_trace["blocks.0.attn.hook_z"].shape == (batch, pos, n_heads, d_head)
     assert full_trace["blocks.0.attn.hook_pattern"].shape == (batch, n_heads, pos, pos)
     assert full_trace["blocks.0.attn.hook_attn_scores"].shape == (batch, n_heads, pos, pos)
+    assert full_trace["blocks.0.attn.hook_result"].shape == (batch, pos, n_heads, config.hidden_size)
+    assert full_trace["blocks.0.ln1.hook_scale"].shape == (batch, pos, 1)
     assert full_trace["blocks.0.hook_resid_post"].shape == (batch, pos, config.hidden_size)
+    if "hook_pos_embed" in full_trace:
+        assert full_trace["hook_pos_embed"].shape == (batch, pos, config.hidden_size)
 
 
 def test_pattern_is_softmax_of_scores(full_trace):

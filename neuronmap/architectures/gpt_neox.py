@@ -1,8 +1,9 @@
 """GPT-NeoX (Pythia): q, k, v interleaved per head in `query_key_value`, rotary positions, and usually
-parallel attention and MLP (then there is no `hook_resid_mid`, as in TransformerLens)."""
+parallel attention and MLP (then there is no `hook_resid_mid`, as in TransformerLens; `ln2` then normalises the
+block's input, as TransformerLens's parallel blocks do)."""
 
 from ..hooks import HeadSplit
-from .base import block, input, output, point, register
+from .base import Norm, block, final_norm, input, output, point, register
 
 
 @register("gpt_neox")
@@ -16,6 +17,8 @@ def hook_points(model):
         yield from block(
             layer,
             attn,
+            ln1=Norm(blk.input_layernorm),
+            ln2=Norm(blk.post_attention_layernorm),
             resid_pre=input(blk),
             q=output(attn.query_key_value, HeadSplit(n_heads, d_head, group=3, part=0)),
             k=output(attn.query_key_value, HeadSplit(n_heads, d_head, group=3, part=1)),
@@ -28,4 +31,4 @@ def hook_points(model):
             mlp_out=output(mlp),
             resid_post=output(blk),
         )
-    yield point("ln_final.hook_normalized", output(base.final_layer_norm))
+    yield from final_norm(Norm(base.final_layer_norm))

@@ -6,7 +6,7 @@ the up projection, and `mlp.hook_post` the input of the down projection.
 """
 
 from ..hooks import HeadSplit
-from .base import block, input, output, point, register
+from .base import Norm, block, final_norm, input, output, point, register
 
 
 @register("llama", "mistral", "qwen2")
@@ -20,6 +20,8 @@ def hook_points(model):
         yield from block(
             layer,
             attn,
+            ln1=Norm(blk.input_layernorm, rms=True),
+            ln2=Norm(blk.post_attention_layernorm, rms=True),
             resid_pre=input(blk),
             q=output(attn.q_proj, HeadSplit(n_heads, d_head)),
             k=output(attn.k_proj, HeadSplit(n_kv_heads, d_head)),
@@ -33,4 +35,4 @@ def hook_points(model):
             mlp_out=output(mlp),
             resid_post=output(blk),
         )
-    yield point("ln_final.hook_normalized", output(base.norm))
+    yield from final_norm(Norm(base.norm, rms=True))
