@@ -6,10 +6,11 @@ The public API is re-exported here; everything else is private to its module. He
 
 from . import zoo
 from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
-from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError, NotCapturedError
+from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError, NotCapturedError, WeightError
 from .hooks import HookPoint
 from .model import Model, load
 from .trace import Trace
+from .weights import Weights
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,8 @@ __all__ = [
     "NeuronMapError",
     "NotCapturedError",
     "Trace",
+    "WeightError",
+    "Weights",
     "attention",
     "head_scores",
     "load",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -19,9 +20,15 @@ from .hooks import Action, HookPoint, attached
 from .inputs import Batch, Inputs, to_batch, token_strings
 from .loading import from_pretrained
 from .trace import Trace
+from .weights import Weights
 
 Names = Union[str, Iterable[str]]
 Intervention = Union[Callable[[torch.Tensor, HookPoint], Union[torch.Tensor, None]], torch.Tensor]
+
+
+def _tl_weight(name: str) -> property:
+    """A property reading `model.weights.<name>`, so `model.W_Q` works as on a TransformerLens model."""
+    return property(lambda self: getattr(self.weights, name), doc=f"`weights.{name}`, TransformerLens-shaped.")
 
 
 def load(model: Any, tokenizer: Any = None, *, name: str | None = None, **kwargs: Any) -> Model:
@@ -69,6 +76,29 @@ class Model:
         # One analysis pass never needs the KV cache: building it costs memory and the trace would keep it.
         accepts_cache = "use_cache" in inspect.signature(module.forward).parameters
         self._forward_kwargs = {"use_cache": False} if accepts_cache else {}
+
+    @functools.cached_property
+    def weights(self) -> Weights:
+        """The weights shaped as in TransformerLens, read from the HF modules (`weights.blocks[L].attn.W_Q`)."""
+        return Weights(self.module)
+
+    W_E = _tl_weight("W_E")
+    W_U = _tl_weight("W_U")
+    b_U = _tl_weight("b_U")
+    W_pos = _tl_weight("W_pos")
+    W_Q = _tl_weight("W_Q")
+    W_K = _tl_weight("W_K")
+    W_V = _tl_weight("W_V")
+    W_O = _tl_weight("W_O")
+    b_Q = _tl_weight("b_Q")
+    b_K = _tl_weight("b_K")
+    b_V = _tl_weight("b_V")
+    b_O = _tl_weight("b_O")
+    W_in = _tl_weight("W_in")
+    W_gate = _tl_weight("W_gate")
+    W_out = _tl_weight("W_out")
+    b_in = _tl_weight("b_in")
+    b_out = _tl_weight("b_out")
 
     @property
     def hook_names(self) -> list[str]:

@@ -292,3 +292,21 @@ def test_a_missing_weight_is_a_neuronmap_error_and_an_attribute_error():
         weights.W_pos
     assert isinstance(raised.value, AttributeError)
     assert not hasattr(weights, "W_pos")
+
+
+# --- on the Model, as on a TransformerLens model ------------------------------------------------------------------
+
+
+def test_model_exposes_the_weights_as_a_transformerlens_model_does():
+    hf_model = make_model("gpt2")
+    model, expected = nm.load(hf_model), Weights(hf_model)
+    for name in ("W_E", "W_U", "b_U", "W_pos", *PER_HEAD, "b_O", "W_in", "W_out", "b_in", "b_out"):
+        assert torch.equal(getattr(model, name), getattr(expected, name)), name
+    assert model.W_gate is None
+    assert torch.equal(model.weights.blocks[1].attn.W_Q, hf_model.transformer.h[1].attn.c_attn.weight[:, :32].view(32, 4, 8).transpose(0, 1))
+
+
+def test_a_weight_the_model_lacks_is_absent_from_the_model_as_from_transformerlens():
+    model = nm.load(make_model("llama"))
+    assert hasattr(model, "W_Q") and not hasattr(model, "W_pos")
+    assert not hasattr(nm.load(torch.nn.Sequential(torch.nn.Linear(4, 4))), "W_E")
