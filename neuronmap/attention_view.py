@@ -51,21 +51,20 @@ def thumbnails(patterns: AttentionPatterns, prompt: int, layers: Sequence[int], 
     return quantise(torch.stack(pooled)), size
 
 
-def check_view(patterns: AttentionPatterns, layer: int, heads: Sequence[int], prompt: int) -> None:
-    """Refuse a view of a layer, head or prompt that the patterns do not have, naming what they do have."""
-    if layer not in patterns.layers:
-        raise InputError(f"layer {layer} is not in these patterns; layers: {patterns.layers}")
-    bad = [head for head in heads if not 0 <= head < patterns.n_heads]
+def resolve_view(patterns: AttentionPatterns, layer: int, heads: Sequence[int], prompt: int) -> tuple[int, list[int], int]:
+    """The layer number, sorted head numbers and prompt number a view asks for, negative ones counted from the end.
+
+    Refuses a layer, head or prompt that the patterns do not have, naming what they do have.
+    """
+    bad = [head for head in heads if head not in range(-patterns.n_heads, patterns.n_heads)]
     if bad:
         raise InputError(f"heads {bad} out of range: there are {patterns.n_heads} heads")
-    if not 0 <= prompt < patterns.n_prompts:
-        raise InputError(f"prompt {prompt} out of range: there are {patterns.n_prompts} prompts")
+    return patterns._layer(layer), sorted({patterns._head(head) for head in heads}), patterns._prompt(prompt)
 
 
 def static_html(patterns: AttentionPatterns, prompt: int = 0, layer: int | None = None, heads: Sequence[int] = (0,)) -> str:
     """The self-contained static view of one prompt: as many layers as fit, from `layer` (the first) on."""
-    layer = patterns.layers[0] if layer is None else layer
-    check_view(patterns, layer, heads, prompt)
+    layer, heads, prompt = resolve_view(patterns, patterns.layers[0] if layer is None else layer, heads, prompt)
     tokens = _prompt_tokens(patterns, prompt)
     total = len(tokens)
     n = min(total, STATIC_MAX_TOKENS)
@@ -93,7 +92,7 @@ def static_html(patterns: AttentionPatterns, prompt: int = 0, layer: int | None 
         "layers": included,
         "n_heads": patterns.n_heads,
         "layer": layer,
-        "heads": sorted(heads),
+        "heads": heads,
         "prompt": 0,
         "n_prompts": 1,
         "tokens": tokens[:n],
@@ -146,13 +145,13 @@ def _widget_class():
         note = traitlets.Unicode().tag(sync=True)
 
         def __init__(self, patterns: AttentionPatterns, *, layer: int, heads: Sequence[int], prompt: int):
-            check_view(patterns, layer, heads, prompt)
+            layer, heads, prompt = resolve_view(patterns, layer, heads, prompt)
             self._patterns = patterns
             super().__init__(
                 layers=patterns.layers,
                 n_heads=patterns.n_heads,
                 layer=layer,
-                heads=sorted(heads),
+                heads=heads,
                 n_prompts=patterns.n_prompts,
                 prompt=prompt,
                 **self._prompt_state(prompt),

@@ -146,6 +146,49 @@ def test_bad_requests_are_named():
         trace.attention()
 
 
+def test_negative_layer_head_and_prompt_indices_count_from_the_end():
+    held = synthetic(layers=4, tokens=[[5, 6, 7, 5], [1, 2, 3, 0]], mask=[[1] * 4, [1, 1, 1, 0]])._patterns
+    raw = {1: held[1], 3: held[3]}  # layers 1 and 3 captured: -1 is layer 3, the last one held
+    patterns = AttentionPatterns(raw, torch.tensor([[5, 6, 7, 5], [1, 2, 3, 0]]), torch.tensor([[1] * 4, [1, 1, 1, 0]]), [["a"] * 4, ["b"] * 3], "m")
+    assert torch.equal(patterns[-1], raw[3]) and torch.equal(patterns[-2], raw[1])
+    assert torch.equal(patterns[-1, -1], raw[3][:, 2]) and torch.equal(patterns[-2, -3], raw[1][:, 0])
+    assert torch.equal(patterns[-1, -1, -1], raw[3][1, 2, :3, :3])  # the last prompt has 3 real tokens
+    assert torch.equal(patterns.pattern(-2, 1, -2), raw[1][0, 1])
+    with pytest.raises(nm.InputError, match=re.escape("layer -3 is not in these patterns; layers: [1, 3] (or -1 to -2")):
+        patterns[-3]
+    with pytest.raises(nm.InputError, match="head -4 out of range: there are 3 heads"):
+        patterns[-1, -4]
+    with pytest.raises(nm.InputError, match="prompt -3 out of range: there are 2 prompts"):
+        patterns[-1, 0, -3]
+    with pytest.raises(nm.InputError, match="layer must be an integer, got 'last'"):
+        patterns["last"]
+    view = patterns.view(layer=-1, heads=[-1, 0], prompt=-1)
+    assert (view.layer, view.heads, view.prompt) == (3, [0, 2], 1)
+    data = _embedded(view._repr_html_())
+    assert data["layer"] == 3 and data["heads"] == [0, 2] and data["tokens"] == ["b"] * 3
+    widget = patterns.widget(layer=-2, heads=[-1], prompt=-1)
+    assert (widget.layer, widget.heads, widget.prompt, widget.detail_key) == (1, [2], 1, "1:1")
+    with pytest.raises(nm.InputError, match="heads \\[-4\\] out of range: there are 3 heads"):
+        patterns.view(heads=[-4])
+    scores = patterns.head_scores("previous_token")
+    assert scores[-1, -1] == float(scores.values[1, 2]) and scores[-2, 0] == float(scores.values[0, 0])
+    with pytest.raises(nm.InputError, match="layer -3 was not scored"):
+        scores[-3, 0]
+
+
+def test_negative_layers_choose_from_the_end_when_capturing():
+    model = nm.load(make_model("gpt2"))
+    tokens = torch.tensor([[3, 4, 5, 6]])
+    trace = model.run(tokens, capture="blocks.*.attn.hook_pattern")
+    assert trace.attention(layers=[-1]).layers == [1]
+    assert nm.attention(model, tokens, layers=[-1]).layers == [1]
+    torch.testing.assert_close(nm.attention(model, tokens, layers=[-2])[0], trace["blocks.0.attn.hook_pattern"])
+    with pytest.raises(nm.InputError, match="layers \\[-3\\] were not captured; captured: \\[0, 1\\]"):
+        trace.attention(layers=[-3])
+    with pytest.raises(nm.InputError, match="attention layers are \\[0, 1\\]"):
+        nm.attention(model, tokens, layers=[-3])
+
+
 def test_repeated_random_tokens_are_the_standard_construction():
     model = nm.load(make_model("gpt2"), word_tokenizer())
     tokens = nm.repeated_random_tokens(model, length=10, batch=3, seed=1)
