@@ -25,6 +25,8 @@ STATIC_BUDGET = 1_500_000
 """Most base64 characters of pattern data one static view embeds (the page stays under 2 MB)."""
 STATIC_MAX_TOKENS = 512
 _FALLBACK_TOKENS = 200
+_FALLBACK_HINT = "To see the interactive viewer, run this cell, or trust the notebook (File \u2192 Trust Notebook)."
+"""What shows where the view's script did not run: an untrusted notebook, or a page without JavaScript."""
 
 
 def quantise(pattern: torch.Tensor) -> bytes:
@@ -111,7 +113,7 @@ def _fallback(patterns: AttentionPatterns, tokens: list[str], notes: list[str]) 
     more = f" … {len(tokens) - _FALLBACK_TOKENS} more" if len(tokens) > _FALLBACK_TOKENS else ""
     return (
         f'<div class="nm-fallback"><div>{escape(repr(patterns))}</div><div>{escape(" · ".join(notes))}</div>'
-        f"<div>{shown}{more}</div><div>(the interactive view needs JavaScript)</div></div>"
+        f"<div>{shown}{more}</div><div>{escape(_FALLBACK_HINT)}</div></div>"
     )
 
 

@@ -275,6 +275,13 @@ def test_static_view_stays_bounded_and_says_what_it_left_out():
     assert sum(len(v) for v in data["details"].values()) <= attention_view.STATIC_BUDGET
 
 
+def test_the_no_script_fallback_says_how_to_see_the_interactive_viewer():
+    html = synthetic()._repr_html_()
+    fallback = re.search(r'<div class="nm-fallback">(.*?)</div></div>', html, re.S).group(1)
+    assert "To see the interactive viewer, run this cell, or trust the notebook (File → Trust Notebook)." in fallback
+    assert "needs JavaScript" not in html
+
+
 def test_mime_bundle_adds_the_widget_only_for_interactive_front_ends(monkeypatch):
     patterns = synthetic()
     monkeypatch.delenv("NEURONMAP_WIDGETS", raising=False)
