@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .display import Renders, escape, format_bytes
+from .display import Renders, escape, format_bytes, text_colour
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -259,17 +259,12 @@ class HeadScores(Renders):
         header = "".join(f"<th>{head}</th>" for head in range(self.values.shape[1]))
         rows = []
         for layer, row in zip(self.layers, self.values.tolist()):
-            cells = "".join(
-                f'<td style="background:rgba(33,102,172,{(value - low) / span:.3f});'
-                f'color:{"#fff" if (value - low) / span > 0.6 else "#222"}" title="layer {layer}, head {head}">'
-                f"{value:.2f}</td>"
-                for head, value in enumerate(row)
-            )
+            cells = "".join(_score_cell(layer, head, value, (value - low) / span) for head, value in enumerate(row))
             rows.append(f"<tr><th>{layer}</th>{cells}</tr>")
         return (
             '<div class="nm-scores" style="font:12px ui-monospace,Menlo,Consolas,monospace">'
             f"<div><b>{escape(self.kind)}</b> score per head — {escape(self.model_name)}</div>"
-            f'<div style="color:#666">{escape(self.definition)}</div>'
+            f'<div style="color:var(--jp-ui-font-color2,#666)">{escape(self.definition)}</div>'
             '<table style="border-collapse:collapse;margin-top:4px"><thead><tr><th>layer \\ head</th>'
             f"{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
         )
@@ -428,3 +423,15 @@ def _key_weights(kind: str, tokens: torch.Tensor) -> torch.Tensor:
     # induction: key j follows an earlier copy of the query's token (tokens[j - 1] == tokens[i], 1 <= j < i)
     before_key = torch.cat([tokens.new_full((1,), -1), tokens[:-1]])
     return (earlier & (key >= 1) & (before_key[None, :] == tokens[:, None])).float()
+
+
+_SCORE_BLUE = (33, 102, 172)
+
+
+def _score_cell(layer: int, head: int, value: float, depth: float) -> str:
+    """One heatmap cell: white to blue by `depth` (0-1), opaque so its text colour holds on any theme's page."""
+    rgb = [round(255 - depth * (255 - c)) for c in _SCORE_BLUE]
+    return (
+        f'<td style="background:rgb({rgb[0]},{rgb[1]},{rgb[2]});color:{text_colour(rgb)}" '
+        f'title="layer {layer}, head {head}">{value:.2f}</td>'
+    )

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import neuronmap as nm
+import wcag
 from conftest import eager_copy, make_model, word_tokenizer
 from neuronmap import attention_view
 from neuronmap.attention import AttentionPatterns
@@ -240,6 +241,18 @@ def test_head_scores_render_and_plot():
     )
     html = scores._repr_html_()
     assert html.count("<tr>") == 4 and "previous_token" in html and "\n" not in repr(scores)
+
+
+def test_head_score_cells_choose_the_text_colour_that_contrasts_most():
+    scores = synthetic(layers=8, heads=12, seed=4).head_scores("entropy")  # 96 depths from white to full blue
+    cells = re.findall(r'<td style="background:([^;]+);color:([^"]+)"', scores._repr_html_())
+    assert len(cells) == 96
+    for background, text in cells:
+        shown = wcag.over(background, (255, 255, 255))  # a translucent cell would show the page through it
+        best = max(wcag.contrast((0, 0, 0), shown), wcag.contrast((255, 255, 255), shown))
+        assert wcag.contrast(wcag.over(text, shown), shown) == pytest.approx(best)
+        assert best >= wcag.AA
+        assert wcag.rgba(background)[3] == 1.0  # opaque: on a dark theme's page the cell shows the same colour
 
 
 def _embedded(html: str) -> dict:
