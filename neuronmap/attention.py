@@ -8,6 +8,7 @@ of every layer against one documented definition (`SCORES`) and renders as a lay
 from __future__ import annotations
 
 import operator
+import os
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from .display import Renders, escape, format_bytes, text_colour
 from .errors import InputError
 
 if TYPE_CHECKING:
+    from .attention_view import ViewChoice
     from .model import Model
     from .trace import Trace
 
@@ -160,9 +162,41 @@ class AttentionPatterns(Renders):
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         return self.view()._repr_mimebundle_()
 
-    def view(self, layer: int | None = None, heads: Sequence[int] = (0,), prompt: int = 0) -> AttentionView:
-        """The viewer opened on `layer`, `heads` and `prompt`: static HTML everywhere, a widget in a live kernel."""
-        return AttentionView(self, self.layers[0] if layer is None else layer, heads, prompt)
+    def view(
+        self,
+        layer: int | None = None,
+        heads: Sequence[int] = (0,),
+        prompt: int | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        prompts: Sequence[int] | None = None,
+        budget: int | None = None,
+    ) -> AttentionView:
+        """The viewer opened on `layer` (default: the first), `heads` and `prompt` (default: the first).
+
+        Static HTML everywhere, a widget in a live kernel. The static form (exports, `save_html`) embeds at most
+        `budget` bytes of attention data (default `attention_view.STATIC_BUDGET`, 1.5 MB: the page stays under
+        2 MB): the `prompts` chosen (default: the opened one; several get a prompt switch) and the `layers`
+        chosen (default: as many as fit, from `layer` on). When even those do not fit at full length it shows
+        each prompt's first tokens and says so; a larger `budget`, fewer layers or prompts show more.
+        """
+        from .attention_view import resolve_view
+
+        return AttentionView(self, resolve_view(self, layer, heads, prompt, layers, prompts, budget))
+
+    def save_html(
+        self,
+        path: str | os.PathLike,
+        layer: int | None = None,
+        heads: Sequence[int] = (0,),
+        prompt: int | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        prompts: Sequence[int] | None = None,
+        budget: int | None = None,
+    ) -> None:
+        """Write the static viewer to `path` as a page that needs no network; the options are `view`'s."""
+        self.view(layer, heads, prompt, layers=layers, prompts=prompts, budget=budget).save_html(path)
 
     def widget(self, layer: int | None = None, heads: Sequence[int] = (0,), prompt: int = 0):
         """The live viewer (an anywidget): choose layer, heads and prompt; hover or click tokens."""
@@ -174,19 +208,20 @@ class AttentionPatterns(Renders):
 class AttentionView(Renders):
     """What displaying `AttentionPatterns` shows: its static view, plus the live widget where a front end can run it."""
 
-    def __init__(self, patterns: AttentionPatterns, layer: int, heads: Sequence[int], prompt: int):
-        from .attention_view import resolve_view
-
-        self.patterns = patterns
-        self.layer, self.heads, self.prompt = resolve_view(patterns, layer, heads, prompt)
+    def __init__(self, patterns: AttentionPatterns, choice: ViewChoice):
+        self.patterns, self.choice = patterns, choice
+        self.layer, self.heads, self.prompt = choice.layer, choice.heads, choice.prompt
 
     def __repr__(self) -> str:
-        return f"{self.patterns!r} — layer {self.layer}, heads {self.heads}, prompt {self.prompt}"
+        embeds = [f"layers {self.choice.layers}"] if self.choice.layers is not None else []
+        embeds += [f"prompts {self.choice.prompts}"] if len(self.choice.prompts) > 1 else []
+        static = f" (static view: {', '.join(embeds)})" if embeds else ""
+        return f"{self.patterns!r} — layer {self.layer}, heads {self.heads}, prompt {self.prompt}{static}"
 
     def _repr_html_(self) -> str:
         from .attention_view import static_html
 
-        return static_html(self.patterns, prompt=self.prompt, layer=self.layer, heads=self.heads)
+        return static_html(self.patterns, self.choice)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         from .widget import mimebundle

@@ -160,6 +160,16 @@ def random_patterns(n: int, heads: int = 2, layers: int = 1, labels=None, seed: 
     return AttentionPatterns(layers_, tokens, torch.ones_like(tokens), [labels or [f" w{i}" for i in range(n)]], "random")
 
 
+def test_a_truncated_static_view_says_so_and_how_to_see_more(page, tmp_path):
+    patterns = random_patterns(400, heads=4)
+    open_static(page, patterns, tmp_path, budget=20_000)
+    note = page.inner_text(".nm-note")
+    shown = page.locator(".nm-token").count()
+    assert 16 <= shown < 400 and f"showing the first {shown} of 400 tokens" in note
+    assert "budget=" in note and "embeds all of them" in note
+    assert page.evaluate("document.querySelector('.nm-matrix canvas').width") == shown
+
+
 def test_a_long_prompt_wraps_inside_the_output(page, tmp_path):
     """500 tokens in an 800 px output: the strip wraps onto lines, and hovering never scrolls the prompt sideways."""
     patterns = random_patterns(500, labels=[" x", "x", "xx"] + [f" w{i}" for i in range(3, 500)])
@@ -263,17 +273,25 @@ def test_the_matrix_axes_and_controls_are_labelled(page, patterns, tmp_path):
     assert tokens.count() == 1 and tokens.get_by_role("option").count() == 25
 
 
-def test_a_truncated_static_view_says_so_in_the_page(page, tmp_path, monkeypatch):
-    from neuronmap import attention_view
+def test_a_static_view_of_several_prompts_switches_between_them(page, tmp_path):
+    words = induction.vocabulary()[10:22]
+    real = nm.attention(nm.zoo.load("induction-2l"), [" ".join(words + words), " ".join(words[:5])])
+    open_static(page, real, tmp_path, prompts=[0, 1], layers=[0, 1])
+    assert page.locator(".nm-token").count() == 25 and page.is_visible(".nm-prompt")
+    page.select_option(".nm-prompt", "1")
+    page.wait_for_selector(".nm-attn[data-ready='0:1']")
+    assert page.locator(".nm-token").count() == 6
+    page.hover(".nm-token[data-index='4']")
+    assert weights_shown(page) == pytest.approx(expected(real, 0, [0], row=4, prompt=1), abs=1e-3)
+    page.select_option(".nm-layer", "1")
+    page.wait_for_selector(".nm-attn[data-ready='1:1']")
+    page.hover(".nm-token[data-index='5']")
+    assert weights_shown(page) == pytest.approx(expected(real, 1, [0], row=5, prompt=1), abs=1e-3)
+    page.select_option(".nm-prompt", "0")
+    page.wait_for_selector(".nm-attn[data-ready='1:0']")
+    assert page.locator(".nm-token").count() == 25 and page.errors == []
 
-    monkeypatch.setattr(attention_view, "STATIC_MAX_TOKENS", 16)
-    n = 40
-    tokens = torch.arange(3, 3 + n)[None]
-    pattern = torch.softmax(torch.randn(1, 2, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -1e9), -1)
-    patterns = AttentionPatterns({0: pattern}, tokens, torch.ones_like(tokens), [[f"w{i}" for i in range(n)]], "m")
-    path = tmp_path / "cut.html"
-    patterns.save_html(path)
-    page.goto(path.as_uri())
-    page.wait_for_selector(".nm-attn[data-ready]")
-    assert "showing the first 16 of 40 tokens" in page.inner_text(".nm-note")
-    assert page.locator(".nm-token").count() == 16
+
+def test_a_single_prompt_static_view_has_no_prompt_switch(page, patterns, tmp_path):
+    open_static(page, patterns, tmp_path)
+    assert not page.is_visible(".nm-prompt")

@@ -1,8 +1,8 @@
 // NeuronMap attention viewer. One module renders both views: the live anywidget view (model = the widget's
 // model) and the static HTML view (model = staticModel(data), backed by data embedded in the page).
 //
-// Model fields: layers (layer indices available), n_heads, layer, heads (selected), prompt, n_prompts,
-// tokens (the prompt's tokens, as text), n_total (tokens before any truncation), thumb_size, note,
+// Model fields: layers (layer indices available), n_heads, layer, heads (selected), prompt, prompts (prompt
+// indices available), tokens (the prompt's tokens, as text), n_total (tokens before any truncation), thumb_size, note,
 // thumbs (uint8 [layers, heads, T, T] thumbnails, max-pooled), detail (zlib-deflated uint8 [heads, n, n]
 // patterns of one layer and prompt), detail_key ("layer:prompt" of detail). Bytes hold round(255 * sqrt(p)):
 // square-root steps keep diffuse attention (p down to ~1e-5) that linear 8-bit steps would round to zero, and
@@ -142,11 +142,11 @@ function render({ model, el }) {
       return option;
     }));
     layerSelect.value = String(model.get("layer"));
-    const prompts = model.get("n_prompts");
-    promptLabel.style.display = prompts > 1 ? "" : "none";
-    promptSelect.replaceChildren(...Array.from({ length: prompts }, (_, i) => {
-      const option = node("option", null, String(i));
-      option.value = String(i);
+    const prompts = model.get("prompts");
+    promptLabel.style.display = prompts.length > 1 ? "" : "none";
+    promptSelect.replaceChildren(...prompts.map((prompt) => {
+      const option = node("option", null, String(prompt));
+      option.value = String(prompt);
       return option;
     }));
     promptSelect.value = String(model.get("prompt"));
@@ -438,27 +438,36 @@ function render({ model, el }) {
   };
 }
 
-// The static view's stand-in for the widget model: the same get/set/save_changes/on, backed by embedded data
-// (base64 strings; `details` holds one deflated pattern block per embedded layer).
+// The static view's stand-in for the widget model: the same get/set/save_changes/on, backed by embedded data.
+// `views` holds each embedded prompt's tokens and thumbnails, `details` one deflated pattern block per embedded
+// "layer:prompt" (bytes as base64 strings). Choosing a layer or a prompt swaps in its data, as the kernel would.
 function staticModel(data) {
   const decode = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
-  const state = Object.assign({}, data, { thumbs: decode(data.thumbs) });
+  const state = Object.assign({}, data);
+  delete state.views;
   delete state.details;
   const listeners = {};
   const changed = new Set();
-  const load = () => {
-    state.detail = decode(data.details[String(state.layer)]);
+  const showLayer = () => {
     state.detail_key = `${state.layer}:${state.prompt}`;
+    state.detail = decode(data.details[state.detail_key]);
     changed.add("detail");
   };
-  load();
+  const showPrompt = () => {
+    const view = data.views[String(state.prompt)];
+    Object.assign(state, view, { thumbs: decode(view.thumbs) });
+    for (const key of ["tokens", "n_total", "thumb_size", "thumbs"]) changed.add(key);
+    showLayer();
+  };
+  showPrompt();
   changed.clear();
   return {
     get: (key) => state[key],
     set: (key, value) => {
       state[key] = value;
       changed.add(key);
-      if (key === "layer") load();
+      if (key === "layer") showLayer();
+      if (key === "prompt") showPrompt();
     },
     save_changes: () => {
       const keys = [...changed];
