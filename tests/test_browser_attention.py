@@ -155,9 +155,9 @@ def random_patterns(n: int, heads: int = 2, layers: int = 1, labels=None, seed: 
     """Causal softmax patterns of random scores over `n` tokens labelled `labels` (default " w0", " w1", …)."""
     generator = torch.Generator().manual_seed(seed)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
-    layers_ = {layer: torch.softmax((torch.randn(1, heads, n, n, generator=generator) * 3).masked_fill(~causal, -1e9), -1) for layer in range(layers)}
+    by_layer = {layer: torch.softmax((torch.randn(1, heads, n, n, generator=generator) * 3).masked_fill(~causal, -1e9), -1) for layer in range(layers)}
     tokens = torch.arange(3, 3 + n)[None]
-    return AttentionPatterns(layers_, tokens, torch.ones_like(tokens), [labels or [f" w{i}" for i in range(n)]], "random")
+    return AttentionPatterns(by_layer, tokens, torch.ones_like(tokens), [labels or [f" w{i}" for i in range(n)]], "random")
 
 
 def test_a_truncated_static_view_says_so_and_how_to_see_more(page, tmp_path):
