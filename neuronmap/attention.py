@@ -7,6 +7,8 @@ of every layer against one documented definition (`SCORES`) and renders as a lay
 
 from __future__ import annotations
 
+import operator
+import os
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .display import Renders, escape, format_bytes
+from .display import Renders, escape, format_bytes, text_colour
 from .errors import InputError
 
 if TYPE_CHECKING:
+    from .attention_view import ViewChoice
     from .model import Model
     from .trace import Trace
 
@@ -48,7 +51,9 @@ class AttentionPatterns(Renders):
 
     `patterns[layer]` is the layer's whole tensor; `patterns[layer, head]` is `[prompt, query, key]`;
     `patterns[layer, head, prompt]` is one prompt's `[query, key]` with padding removed. `.to_numpy()` stacks
-    every layer. Scores: `.head_scores("previous_token")`.
+    every layer. Scores: `.head_scores("previous_token")`. A layer is named by its number in the model, or counted
+    from the end of `.layers` when negative (`patterns[-1]` is the last layer held); heads and prompts index as
+    in Python.
     """
 
     def __init__(
@@ -77,10 +82,12 @@ class AttentionPatterns(Renders):
                 "(or use neuronmap.attention(model, inputs))"
             )
         if layers is not None:
-            missing = [layer for layer in layers if layer not in found]
+            captured = sorted(found)
+            chosen = [_layer_of(layer, captured) for layer in layers]
+            missing = [layer for layer, number in zip(layers, chosen) if number is None]
             if missing:
-                raise InputError(f"layers {missing} were not captured; captured: {sorted(found)}")
-            found = {layer: found[layer] for layer in layers}
+                raise InputError(f"layers {missing} were not captured; captured: {captured} (or -1 to -{len(captured)})")
+            found = {number: found[number] for number in chosen}
         return cls(found, trace.tokens, trace.attention_mask, trace.str_tokens, trace.model_name)
 
     @property
@@ -99,25 +106,36 @@ class AttentionPatterns(Renders):
         key = key if isinstance(key, tuple) else (key,)
         if not 1 <= len(key) <= 3:
             raise InputError("index attention patterns as [layer], [layer, head] or [layer, head, prompt]")
-        layer = key[0]
-        if layer not in self._patterns:
-            raise InputError(f"layer {layer} is not in these patterns; layers: {self.layers}")
-        pattern = self._patterns[layer]
+        pattern = self._patterns[self._layer(key[0])]
         if len(key) == 1:
             return pattern
-        head = key[1]
-        if not isinstance(head, int) or not -self.n_heads <= head < self.n_heads:
-            raise InputError(f"head {head!r} out of range: there are {self.n_heads} heads")
         if len(key) == 2:
-            return pattern[:, head]
-        return self.pattern(layer, head, key[2])
+            return pattern[:, self._head(key[1])]
+        return self.pattern(*key)
 
     def pattern(self, layer: int, head: int, prompt: int = 0) -> torch.Tensor:
         """One head's `[query, key]` pattern for one prompt, padding removed."""
-        if not isinstance(prompt, int) or not -self.n_prompts <= prompt < self.n_prompts:
-            raise InputError(f"prompt {prompt!r} out of range: there are {self.n_prompts} prompts")
+        prompt = self._prompt(prompt)
         real = self.attention_mask[prompt].bool()
-        return self[layer, head][prompt][real][:, real]
+        return self._patterns[self._layer(layer)][prompt, self._head(head)][real][:, real]
+
+    def _layer(self, layer: int) -> int:
+        """The layer number `layer` names: itself when held, counted from the end of `.layers` when negative."""
+        found = _layer_of(layer, self.layers)
+        if found is None:
+            raise InputError(
+                f"layer {layer!r} is not in these patterns; layers: {self.layers} (or -1 to -{len(self.layers)}, "
+                "counting from the last)"
+            )
+        return found
+
+    def _head(self, head: int) -> int:
+        """`head` as a head number from 0, negative ones counting from the last head as in Python."""
+        return _index(head, self.n_heads, "head", "heads")
+
+    def _prompt(self, prompt: int) -> int:
+        """`prompt` as a prompt number from 0, negative ones counting from the last prompt as in Python."""
+        return _index(prompt, self.n_prompts, "prompt", "prompts")
 
     def to_numpy(self) -> np.ndarray:
         """Every layer stacked: `[layer, prompt, head, query, key]` (float32; padded positions hold zeros)."""
@@ -144,9 +162,41 @@ class AttentionPatterns(Renders):
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         return self.view()._repr_mimebundle_()
 
-    def view(self, layer: int | None = None, heads: Sequence[int] = (0,), prompt: int = 0) -> AttentionView:
-        """The viewer opened on `layer`, `heads` and `prompt`: static HTML everywhere, a widget in a live kernel."""
-        return AttentionView(self, self.layers[0] if layer is None else layer, heads, prompt)
+    def view(
+        self,
+        layer: int | None = None,
+        heads: Sequence[int] = (0,),
+        prompt: int | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        prompts: Sequence[int] | None = None,
+        budget: int | None = None,
+    ) -> AttentionView:
+        """The viewer opened on `layer` (default: the first), `heads` and `prompt` (default: the first).
+
+        Static HTML everywhere, a widget in a live kernel. The static form (exports, `save_html`) embeds at most
+        `budget` bytes of attention data (default `attention_view.STATIC_BUDGET`, 1.5 MB: the page stays under
+        2 MB): the `prompts` chosen (default: the opened one; several get a prompt switch) and the `layers`
+        chosen (default: as many as fit, from `layer` on). When even those do not fit at full length it shows
+        each prompt's first tokens and says so; a larger `budget`, fewer layers or prompts show more.
+        """
+        from .attention_view import resolve_view
+
+        return AttentionView(self, resolve_view(self, layer, heads, prompt, layers, prompts, budget))
+
+    def save_html(
+        self,
+        path: str | os.PathLike,
+        layer: int | None = None,
+        heads: Sequence[int] = (0,),
+        prompt: int | None = None,
+        *,
+        layers: Sequence[int] | None = None,
+        prompts: Sequence[int] | None = None,
+        budget: int | None = None,
+    ) -> None:
+        """Write the static viewer to `path` as a page that needs no network; the options are `view`'s."""
+        self.view(layer, heads, prompt, layers=layers, prompts=prompts, budget=budget).save_html(path)
 
     def widget(self, layer: int | None = None, heads: Sequence[int] = (0,), prompt: int = 0):
         """The live viewer (an anywidget): choose layer, heads and prompt; hover or click tokens."""
@@ -158,19 +208,20 @@ class AttentionPatterns(Renders):
 class AttentionView(Renders):
     """What displaying `AttentionPatterns` shows: its static view, plus the live widget where a front end can run it."""
 
-    def __init__(self, patterns: AttentionPatterns, layer: int, heads: Sequence[int], prompt: int):
-        from .attention_view import check_view
-
-        check_view(patterns, layer, heads, prompt)
-        self.patterns, self.layer, self.heads, self.prompt = patterns, layer, sorted(heads), prompt
+    def __init__(self, patterns: AttentionPatterns, choice: ViewChoice):
+        self.patterns, self.choice = patterns, choice
+        self.layer, self.heads, self.prompt = choice.layer, choice.heads, choice.prompt
 
     def __repr__(self) -> str:
-        return f"{self.patterns!r} — layer {self.layer}, heads {self.heads}, prompt {self.prompt}"
+        embeds = [f"layers {self.choice.layers}"] if self.choice.layers is not None else []
+        embeds += [f"prompts {self.choice.prompts}"] if len(self.choice.prompts) > 1 else []
+        static = f" (static view: {', '.join(embeds)})" if embeds else ""
+        return f"{self.patterns!r} — layer {self.layer}, heads {self.heads}, prompt {self.prompt}{static}"
 
     def _repr_html_(self) -> str:
         from .attention_view import static_html
 
-        return static_html(self.patterns, prompt=self.prompt, layer=self.layer, heads=self.heads)
+        return static_html(self.patterns, self.choice)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
         from .widget import mimebundle
@@ -190,10 +241,12 @@ class HeadScores(Renders):
         self.input_shape = tuple(input_shape)
 
     def __getitem__(self, layer_head: tuple[int, int]) -> float:
+        """The score of `(layer, head)`; a negative layer counts from the end of `.layers`, a negative head as in Python."""
         layer, head = layer_head
-        if layer not in self.layers:
-            raise InputError(f"layer {layer} was not scored; layers: {self.layers}")
-        return float(self.values[self.layers.index(layer), head])
+        found = _layer_of(layer, self.layers)
+        if found is None:
+            raise InputError(f"layer {layer!r} was not scored; layers: {self.layers} (or -1 to -{len(self.layers)})")
+        return float(self.values[self.layers.index(found), _index(head, self.values.shape[1], "head", "heads")])
 
     def top(self, k: int = 5) -> list[tuple[int, int, float]]:
         """The `k` highest-scoring heads as `(layer, head, score)`, best first (for `distance`/`entropy`: largest)."""
@@ -241,17 +294,12 @@ class HeadScores(Renders):
         header = "".join(f"<th>{head}</th>" for head in range(self.values.shape[1]))
         rows = []
         for layer, row in zip(self.layers, self.values.tolist()):
-            cells = "".join(
-                f'<td style="background:rgba(33,102,172,{(value - low) / span:.3f});'
-                f'color:{"#fff" if (value - low) / span > 0.6 else "#222"}" title="layer {layer}, head {head}">'
-                f"{value:.2f}</td>"
-                for head, value in enumerate(row)
-            )
+            cells = "".join(_score_cell(layer, head, value, (value - low) / span) for head, value in enumerate(row))
             rows.append(f"<tr><th>{layer}</th>{cells}</tr>")
         return (
             '<div class="nm-scores" style="font:12px ui-monospace,Menlo,Consolas,monospace">'
             f"<div><b>{escape(self.kind)}</b> score per head — {escape(self.model_name)}</div>"
-            f'<div style="color:#666">{escape(self.definition)}</div>'
+            f'<div style="color:var(--jp-ui-font-color2,#666)">{escape(self.definition)}</div>'
             '<table style="border-collapse:collapse;margin-top:4px"><thead><tr><th>layer \\ head</th>'
             f"{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
         )
@@ -260,8 +308,11 @@ class HeadScores(Renders):
 def attention(
     model: Model, inputs: Any, *, layers: Sequence[int] | None = None, attention_mask: torch.Tensor | None = None
 ) -> AttentionPatterns:
-    """Run `model` on `inputs` and return the attention patterns of `layers` (all by default)."""
-    names = "blocks.*.attn.hook_pattern" if layers is None else [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    """Run `model` on `inputs` and return the attention patterns of `layers` (all by default; -1 is the last)."""
+    if layers is None:
+        names: str | list[str] = "blocks.*.attn.hook_pattern"
+    else:
+        names = [f"blocks.{layer}.attn.hook_pattern" for layer in _model_layers(model, layers)]
     trace = model.run(inputs, capture=names, attention_mask=attention_mask, capture_device="cpu")
     return AttentionPatterns.from_trace(trace)
 
@@ -303,6 +354,41 @@ def repeated_random_tokens(model: Model, *, length: int | None = None, batch: in
     segment = candidates[torch.randint(len(candidates), (batch, length), generator=generator)]
     start = _start_token(model)
     return torch.cat([torch.full((batch, 1), start), segment, segment], dim=1)
+
+
+def _model_layers(model: Model, layers: Sequence[int]) -> list[int]:
+    """`layers` with negative ones counted from the model's last layer that has attention patterns."""
+    if all(_integer(layer, "layer") >= 0 for layer in layers):
+        return list(layers)
+    held = sorted(int(m.group(1)) for name in model.hook_names if (m := _PATTERN.match(name)))
+    resolved = [_layer_of(layer, held) for layer in layers]
+    if None in resolved:
+        raise InputError(f"layers {list(layers)}: this model's attention layers are {held} (or -1 to -{len(held)})")
+    return resolved
+
+
+def _layer_of(layer: int, layers: Sequence[int]) -> int | None:
+    """The layer number `layer` names among the sorted `layers`: itself if held, from the end if negative, else None."""
+    index = _integer(layer, "layer")
+    if index in layers:
+        return index
+    return layers[index] if -len(layers) <= index < 0 else None
+
+
+def _index(value: int, count: int, what: str, plural: str) -> int:
+    """`value` as an index from 0 into `count` things, a negative one counting from the end as in Python."""
+    index = _integer(value, what)
+    if not -count <= index < count:
+        raise InputError(f"{what} {value!r} out of range: there are {count} {plural}")
+    return index % count
+
+
+def _integer(value: Any, what: str) -> int:
+    """`value` as a Python int (ints, NumPy and 0-d tensor integers), or an InputError naming `what`."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise InputError(f"{what} must be an integer, got {value!r}") from None
 
 
 def _start_token(model: Model) -> int:
@@ -372,3 +458,15 @@ def _key_weights(kind: str, tokens: torch.Tensor) -> torch.Tensor:
     # induction: key j follows an earlier copy of the query's token (tokens[j - 1] == tokens[i], 1 <= j < i)
     before_key = torch.cat([tokens.new_full((1,), -1), tokens[:-1]])
     return (earlier & (key >= 1) & (before_key[None, :] == tokens[:, None])).float()
+
+
+_SCORE_BLUE = (33, 102, 172)
+
+
+def _score_cell(layer: int, head: int, value: float, depth: float) -> str:
+    """One heatmap cell: white to blue by `depth` (0-1), opaque so its text colour holds on any theme's page."""
+    rgb = [round(255 - depth * (255 - c)) for c in _SCORE_BLUE]
+    return (
+        f'<td style="background:rgb({rgb[0]},{rgb[1]},{rgb[2]});color:{text_colour(rgb)}" '
+        f'title="layer {layer}, head {head}">{value:.2f}</td>'
+    )

@@ -1,4 +1,5 @@
-"""The rendering contract's shared parts: escaping, byte sizes, a bounded self-contained table, `save_html`.
+"""The rendering contract's shared parts: escaping, byte sizes, readable text colours, a bounded self-contained table,
+`save_html`.
 
 Every result type renders through these, so escaping and size bounds are implemented once.
 """
@@ -25,6 +26,21 @@ _TABLE_CSS = """
 def escape(value: Any) -> str:
     """Text made safe for HTML content and attribute values (tokens may hold `<script>` or quotes)."""
     return html.escape(str(value), quote=True)
+
+
+def text_colour(rgb: Sequence[float]) -> str:
+    """Black or white, whichever has the larger WCAG contrast ratio with the 0-255 sRGB colour `rgb`.
+
+    The better of the two always reaches 4.58:1, so text on any data colour stays readable (WCAG AA asks 4.5:1).
+    """
+    lightness = relative_luminance(rgb)
+    return "#000" if (lightness + 0.05) / 0.05 >= 1.05 / (lightness + 0.05) else "#fff"
+
+
+def relative_luminance(rgb: Sequence[float]) -> float:
+    """WCAG 2's relative luminance of a 0-255 sRGB colour: 0 for black, 1 for white."""
+    linear = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in (channel / 255 for channel in rgb)]
+    return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
 
 
 def format_bytes(n: int) -> str:

@@ -1,4 +1,5 @@
-"""End to end: the attention widget in a real JupyterLab, and the static view in a papermill + nbconvert export."""
+"""End to end: the attention widget in a real JupyterLab (light and dark themes) and Notebook 7, and the static view
+in a papermill + nbconvert export."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
+import wcag
+from test_browser_attention import assert_fits, highlighted_contrasts, text_contrasts
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +27,9 @@ ARTIFACTS = ROOT / "build" / "test-artifacts"
 CELLS = [
     "import neuronmap as nm\nmodel = nm.zoo.load('induction-2l')",
     "words = 'bado badu bago bagu bake bali bame bate bati bavi'.split()\n"
-    "patterns = nm.attention(model, [' '.join(words + words), ' '.join(words[:5])])\npatterns",
+    "patterns = nm.attention(model, [' '.join(words * 6), ' '.join(words[:5])])\npatterns",
 ]
+LONG_PROMPT_TOKENS = 61  # a start token and 60 words: wider than any notebook cell on one line
 
 
 def notebook(path: Path) -> Path:
@@ -33,18 +38,20 @@ def notebook(path: Path) -> Path:
     return path
 
 
-def environment(home: Path) -> dict[str, str]:
-    """Jupyter's configuration, runtime and lab settings isolated in `home`; this interpreter first on PATH."""
+def environment(home: Path, theme: str = "JupyterLab Light") -> dict[str, str]:
+    """Jupyter's data, configuration, runtime and lab settings isolated in `home`, the lab in `theme`; this
+    interpreter first on PATH."""
     env = dict(os.environ)
     for variable, folder in {
-        "JUPYTER_CONFIG_DIR": "config", "JUPYTER_RUNTIME_DIR": "runtime", "IPYTHONDIR": "ipython",
+        "JUPYTER_DATA_DIR": "data", "JUPYTER_CONFIG_DIR": "config", "JUPYTER_RUNTIME_DIR": "runtime", "IPYTHONDIR": "ipython",
         "JUPYTERLAB_SETTINGS_DIR": "settings", "JUPYTERLAB_WORKSPACES_DIR": "workspaces",
     }.items():
         (home / folder).mkdir(parents=True, exist_ok=True)
         env[variable] = str(home / folder)
-    notification = home / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    notification.parent.mkdir(parents=True, exist_ok=True)
-    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    settings = home / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True, exist_ok=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    (settings / "themes.jupyterlab-settings").write_text(json.dumps({"theme": theme}))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
     env.pop("NEURONMAP_WIDGETS", None)
@@ -75,12 +82,15 @@ FRONT_ENDS = {
     "jupyterlab": (["jupyterlab", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"], "lab/tree"),
     "notebook7": (["notebook"], "notebooks"),
 }
+THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
 
 
-@pytest.fixture(params=list(FRONT_ENDS))
+@pytest.fixture(params=[("jupyterlab", "light"), ("jupyterlab", "dark"), ("notebook7", "light")], ids="-".join)
 def jupyterlab(request, tmp_path):
-    """A JupyterLab (or Notebook 7) server on 127.0.0.1, random port and token; stops it and only its own kernels."""
-    (module, *options), route = FRONT_ENDS[request.param]
+    """A JupyterLab (or Notebook 7) server in a theme on 127.0.0.1, random port and token; stops it and only its own
+    kernels."""
+    front_end, theme = request.param
+    (module, *options), route = FRONT_ENDS[front_end]
     port, token = free_port(), secrets.token_hex(16)
     (tmp_path / "notebooks").mkdir()
     notebook(tmp_path / "notebooks" / "attention.ipynb")
@@ -90,7 +100,7 @@ def jupyterlab(request, tmp_path):
             sys.executable, "-m", module, "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path / 'notebooks'}", *options,
         ],
-        env=environment(tmp_path / "home"), stdout=log, stderr=subprocess.STDOUT,
+        env=environment(tmp_path / "home", THEMES[theme]), stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -107,7 +117,7 @@ def jupyterlab(request, tmp_path):
     try:
         yield {
             "url": f"{base}/{route}/attention.ipynb?token={token}", "api": (base, token), "server": server,
-            "kernels": kernels, "name": request.param,
+            "kernels": kernels, "name": f"{front_end}-{theme}", "theme": theme,
         }
     finally:
         kernels.update(children(server.pid))
@@ -152,9 +162,42 @@ def test_attention_widget_in_jupyterlab(page, jupyterlab):
     page.wait_for_function("document.querySelector('.jp-OutputArea-output .nm-attn')?.dataset.ready === '0:0'", timeout=30_000)
     jupyterlab["kernels"].update(children(jupyterlab["server"].pid))
     assert view.evaluate("el => el.closest('.nm-root') === null")  # the live widget, not the static fallback
-    assert view.locator(".nm-head").count() == 4 and view.locator(".nm-token").count() == 21
+    dark = page.evaluate("document.body.dataset.jpThemeLight") == "false"
+    assert dark == (jupyterlab["theme"] == "dark")
+    assert view.locator(".nm-head").count() == 4 and view.locator(".nm-token").count() == LONG_PROMPT_TOKENS
+    assert_fits(view, ".jp-OutputArea-output")  # the long prompt wraps inside the cell's output
     view.locator(".nm-head[data-head='2']").click()
     assert view.locator(".nm-head.nm-selected").count() == 2
+
+    seen = []
+    for query in (5, 20, 40, 60):
+        view.locator(f".nm-token[data-index='{query}']").hover()
+        seen += highlighted_contrasts(view)
+    assert len(seen) == 4 * LONG_PROMPT_TOKENS and min(ratio for ratio, _ in seen) >= wcag.AA
+    assert max(float(item["weight"]) for _, item in seen) > 0.8  # the most-attended tokens were among them
+
+    view.locator(".nm-mode").focus()  # the keyboard: Tab to head 0, Space takes it away and puts it back
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.head") == "0"
+    page.keyboard.press("Space")
+    assert view.locator(".nm-head[data-head='0']").get_attribute("aria-pressed") == "false"
+    page.keyboard.press("Space")
+    assert view.locator(".nm-head[data-head='0']").get_attribute("aria-pressed") == "true"
+    view.locator(".nm-token[data-index='30']").focus()
+    page.keyboard.press("ArrowRight")
+    page.keyboard.press("ArrowDown")  # the notebook's own arrow and Enter shortcuts must not take these keys
+    page.keyboard.press("Enter")  # pins token 32
+    assert view.locator(".nm-token[aria-selected='true']").get_attribute("data-index") == "32"
+    assert page.locator(".jp-Notebook.jp-mod-editMode").count() == 0
+    view.locator(".nm-token[data-index='3']").hover()
+    assert "token 32" in view.locator(".nm-info").inner_text()  # the pin holds under the pointer
+    for selector in (".nm-bar label", ".nm-info", ".nm-note", ".nm-axis", ".nm-head span", ".nm-token"):
+        for ratio, item in text_contrasts(view.locator(selector)):
+            assert ratio >= wcag.AA, (selector, ratio, item)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    view.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / f"{jupyterlab['name']}-attention-widget.png"))
+
     view.locator(".nm-layer").select_option("1")  # the kernel sends layer 1 on demand
     page.wait_for_function("document.querySelector('.jp-OutputArea-output .nm-attn').dataset.ready === '1:0'", timeout=30_000)
     view.locator(".nm-prompt").select_option("1")
@@ -162,8 +205,6 @@ def test_attention_widget_in_jupyterlab(page, jupyterlab):
     assert view.locator(".nm-token").count() == 6
     view.locator(".nm-token[data-index='3']").hover()
     assert view.locator(".nm-token[data-weight]").count() == 6
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{jupyterlab['name']}-attention-widget.png"))
     assert page.external_requests == []
 
 

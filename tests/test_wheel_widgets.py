@@ -21,7 +21,7 @@ tokens = torch.arange(3, 3 + n)[None]
 patterns = AttentionPatterns({0: pattern, 1: pattern.flip(1)}, tokens, torch.ones_like(tokens), [[f"w{i}" for i in range(n)]], "wheel")
 patterns.save_html(sys.argv[2] + "/static.html")
 widget = patterns.widget(heads=[1])
-FIELDS = "layers n_heads layer heads prompt n_prompts tokens n_total thumb_size thumbs detail detail_key note".split()
+FIELDS = "layers n_heads layer heads prompt prompts tokens n_total thumb_size thumbs detail detail_key note".split()
 state = {key: base64.b64encode(value).decode() if isinstance(value, bytes) else value
          for key, value in ((key, getattr(widget, key)) for key in FIELDS)}
 json.dump({"state": state, "esm": widget._esm, "css": widget._css}, open(sys.argv[2] + "/widget.json", "w"))

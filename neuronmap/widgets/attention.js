@@ -1,8 +1,8 @@
 // NeuronMap attention viewer. One module renders both views: the live anywidget view (model = the widget's
 // model) and the static HTML view (model = staticModel(data), backed by data embedded in the page).
 //
-// Model fields: layers (layer indices available), n_heads, layer, heads (selected), prompt, n_prompts,
-// tokens (the prompt's tokens, as text), n_total (tokens before any truncation), thumb_size, note,
+// Model fields: layers (layer indices available), n_heads, layer, heads (selected), prompt, prompts (prompt
+// indices available), tokens (the prompt's tokens, as text), n_total (tokens before any truncation), thumb_size, note,
 // thumbs (uint8 [layers, heads, T, T] thumbnails, max-pooled), detail (zlib-deflated uint8 [heads, n, n]
 // patterns of one layer and prompt), detail_key ("layer:prompt" of detail). Bytes hold round(255 * sqrt(p)):
 // square-root steps keep diffuse attention (p down to ~1e-5) that linear 8-bit steps would round to zero, and
@@ -13,6 +13,9 @@ const PALETTE = [
   [31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189], [255, 127, 14],
   [23, 190, 207], [227, 119, 194], [140, 86, 75], [188, 189, 34], [127, 127, 127],
 ];
+
+// How far each arrow key moves the focus along the token strip.
+const TOKEN_STEPS = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 };
 
 function headColour(head) {
   return PALETTE[head % PALETTE.length];
@@ -37,48 +40,95 @@ function node(tag, className, text) {
   return element;
 }
 
+// Keys pressed on `element` are the viewer's: JupyterLab's and Notebook 7's shortcuts (Enter, Space, arrows in
+// command mode) skip events whose target carries this attribute. Their selectors can match the focused element
+// itself (`:focus`), so it goes on every focusable element, not only on the viewer's root.
+function ownKeys(element) {
+  element.setAttribute("data-lm-suppress-shortcuts", "true");
+  return element;
+}
+
 function shown(token) {
   return token.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
 }
 
-// Overlay: white minus each selected head's colour in proportion to its shade (sqrt of the attention).
-function mix(shades, heads) {
-  let r = 255, g = 255, b = 255;
+// Overlay: the backdrop moved towards each selected head's colour in proportion to its shade (sqrt of the
+// attention). On white this is white minus each head's complement, as in the matrix.
+function mix(shades, heads, base) {
+  const rgb = base.slice();
   heads.forEach((head, k) => {
-    const w = shades[k];
-    const [cr, cg, cb] = headColour(head);
-    r -= w * (255 - cr);
-    g -= w * (255 - cg);
-    b -= w * (255 - cb);
+    const colour = headColour(head);
+    for (let c = 0; c < 3; c++) rgb[c] -= shades[k] * (base[c] - colour[c]);
   });
-  return [Math.max(0, r), Math.max(0, g), Math.max(0, b)];
+  return rgb.map((value) => Math.round(Math.min(255, Math.max(0, value))));
+}
+
+// WCAG 2 relative luminance of an sRGB colour given as 0-255 channels.
+function luminance(rgb) {
+  const linear = rgb.map((channel) => {
+    const c = channel / 255;
+    return c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+  });
+  return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2];
+}
+
+// Black or white, whichever contrasts more with `rgb`: the better of the two is always at least 4.58:1.
+function textOn(rgb) {
+  const l = luminance(rgb);
+  return (l + 0.05) / 0.05 >= 1.05 / (l + 0.05) ? "#000" : "#fff";
+}
+
+// The colour the tokens sit on: the first opaque background from `element` up (the theme's), else white.
+function backdrop(element) {
+  for (let at = element; at; at = at.parentElement) {
+    const rgba = /^rgba?\(([^)]*)\)/.exec(getComputedStyle(at).backgroundColor);
+    const channels = rgba ? rgba[1].split(/[\s,/]+/).map(Number) : [];
+    if (channels.length >= 3 && (channels.length < 4 || channels[3] > 0)) return channels.slice(0, 3);
+  }
+  return [255, 255, 255];
 }
 
 function render({ model, el }) {
   el.classList.add("nm-attn");
-  const state = { detail: null, key: null, n: 0, focus: null, pinned: false, mode: "from", disposed: false };
+  const state = {
+    detail: null, key: null, n: 0, focus: null, pinned: false, mode: "from", disposed: false, active: 0,
+  };
 
   const bar = node("div", "nm-bar");
   const layerLabel = node("label", null, "layer ");
-  const layerSelect = node("select", "nm-layer");
+  const layerSelect = ownKeys(node("select", "nm-layer"));
   layerLabel.append(layerSelect);
   const promptLabel = node("label", null, " prompt ");
-  const promptSelect = node("select", "nm-prompt");
+  const promptSelect = ownKeys(node("select", "nm-prompt"));
   promptLabel.append(promptSelect);
-  const modeButton = node("button", "nm-mode");
+  const modeButton = ownKeys(node("button", "nm-mode"));
   modeButton.type = "button";
   bar.append(layerLabel, promptLabel, modeButton);
   const grid = node("div", "nm-grid");
+  grid.setAttribute("role", "group");
   const body = node("div", "nm-body");
+  const plot = node("div", "nm-plot");
   const matrixBox = node("div", "nm-matrix");
   const canvas = node("canvas");
+  canvas.setAttribute("role", "img");
   const crosshair = node("div", "nm-crosshair");
   matrixBox.append(canvas, crosshair);
+  const keyAxis = node("div", "nm-axis nm-axis-key", "key \u2192");
+  const queryAxis = node("div", "nm-axis nm-axis-query", "query \u2193");
+  keyAxis.title = "columns: the tokens attended to";
+  queryAxis.title = "rows: the tokens attending";
+  plot.append(keyAxis, queryAxis, matrixBox);
   const side = node("div", "nm-side");
-  const info = node("div", "nm-info", "hover a token or a cell (colour depth \u221d \u221aattention)");
+  const info = node("div", "nm-info", "hover or focus a token, or hover a cell (colour depth \u221d \u221aattention)");
+  info.setAttribute("aria-live", "polite");
   const tokenBox = node("div", "nm-tokens");
+  tokenBox.setAttribute("role", "listbox");
+  tokenBox.setAttribute(
+    "aria-label",
+    "tokens: hover one, or focus it (Tab, then arrow keys), to see its attention; Enter or Space pins it",
+  );
   side.append(info, tokenBox);
-  body.append(matrixBox, side);
+  body.append(plot, side);
   const note = node("div", "nm-note");
   el.append(bar, grid, body, note);
 
@@ -92,11 +142,11 @@ function render({ model, el }) {
       return option;
     }));
     layerSelect.value = String(model.get("layer"));
-    const prompts = model.get("n_prompts");
-    promptLabel.style.display = prompts > 1 ? "" : "none";
-    promptSelect.replaceChildren(...Array.from({ length: prompts }, (_, i) => {
-      const option = node("option", null, String(i));
-      option.value = String(i);
+    const prompts = model.get("prompts");
+    promptLabel.style.display = prompts.length > 1 ? "" : "none";
+    promptSelect.replaceChildren(...prompts.map((prompt) => {
+      const option = node("option", null, String(prompt));
+      option.value = String(prompt);
       return option;
     }));
     promptSelect.value = String(model.get("prompt"));
@@ -109,11 +159,12 @@ function render({ model, el }) {
     const size = model.get("thumb_size");
     const thumbs = asBytes(model.get("thumbs"));
     const index = model.get("layers").indexOf(model.get("layer"));
-    const chosen = selected();
     const cells = [];
     for (let head = 0; head < heads; head++) {
-      const cell = node("div", "nm-head");
+      const cell = ownKeys(node("div", "nm-head"));
       cell.dataset.head = String(head);
+      cell.tabIndex = 0;
+      cell.setAttribute("role", "button");
       const thumb = node("canvas");
       thumb.width = size;
       thumb.height = size;
@@ -131,34 +182,67 @@ function render({ model, el }) {
       context.putImageData(image, 0, 0);
       const label = node("span", null, `head ${head}`);
       cell.append(thumb, label);
-      if (chosen.includes(head)) {
-        cell.classList.add("nm-selected");
-        cell.style.borderColor = `rgb(${headColour(head).join(",")})`;
-      }
-      cell.addEventListener("click", () => {
-        const heads = selected();
-        const at = heads.indexOf(head);
-        if (at >= 0) heads.splice(at, 1);
-        else heads.push(head);
-        heads.sort((a, b) => a - b);
-        model.set("heads", heads);
-        model.save_changes();
-        drawThumbs();
-        drawMatrix();
-        paintTokens();
+      cell.addEventListener("click", () => toggleHead(head));
+      cell.addEventListener("keydown", (event) => {
+        if (event.key !== "Enter" && event.key !== " ") return;
+        event.preventDefault();
+        toggleHead(head);
       });
       cells.push(cell);
     }
     grid.replaceChildren(...cells);
+    grid.setAttribute("aria-label", `heads of layer ${model.get("layer")}: press one to overlay it or take it away`);
+    markHeads();
   }
 
+  // Selection is marked in place, so a head toggled from the keyboard keeps the focus.
+  function markHeads() {
+    const chosen = selected();
+    for (const cell of grid.children) {
+      const head = Number(cell.dataset.head);
+      const on = chosen.includes(head);
+      cell.classList.toggle("nm-selected", on);
+      cell.setAttribute("aria-pressed", String(on));
+      cell.style.borderColor = on ? `rgb(${headColour(head).join(",")})` : "";
+    }
+  }
+
+  function toggleHead(head) {
+    const heads = selected();
+    const at = heads.indexOf(head);
+    if (at >= 0) heads.splice(at, 1);
+    else heads.push(head);
+    heads.sort((a, b) => a - b);
+    model.set("heads", heads);
+    model.save_changes();
+    markHeads();
+    drawMatrix();
+    paintTokens();
+  }
+
+  // One token is in the Tab order at a time (a roving tabindex); arrow keys move it along the prompt.
   function drawTokens() {
-    tokenBox.replaceChildren(...model.get("tokens").map((token, i) => {
-      const span = node("span", "nm-token", shown(token));
+    const tokens = model.get("tokens");
+    state.active = Math.min(state.active, Math.max(0, tokens.length - 1));
+    tokenBox.replaceChildren(...tokens.map((token, i) => {
+      const span = ownKeys(node("span", "nm-token", shown(token)));
       span.dataset.index = String(i);
       span.title = `${i}: ${token}`;
+      span.setAttribute("role", "option");
+      span.setAttribute("aria-selected", "false");
+      span.tabIndex = i === state.active ? 0 : -1;
       return span;
     }));
+  }
+
+  function moveTo(index) {
+    const spans = tokenBox.children;
+    if (!spans.length) return;
+    const target = Math.min(spans.length - 1, Math.max(0, index));
+    if (spans[state.active]) spans[state.active].tabIndex = -1;
+    state.active = target;
+    spans[target].tabIndex = 0;
+    spans[target].focus();
   }
 
   function shadesAt(i, j) {
@@ -195,9 +279,12 @@ function render({ model, el }) {
       }
     }
     context.putImageData(image, 0, 0);
-    const side = Math.min(Math.max(n * 6, 160), 440);
-    canvas.style.width = `${side}px`;
-    canvas.style.height = `${side}px`;
+    canvas.style.width = `${Math.min(Math.max(n * 6, 160), 440)}px`;
+    canvas.setAttribute(
+      "aria-label",
+      `attention matrix of layer ${model.get("layer")}, heads ${heads.join(", ") || "none"}, ${n} tokens: ` +
+        "row i is query token i (attending), column j is key token j (attended to); colour depth \u221d \u221aattention",
+    );
     placeCrosshair();
   }
 
@@ -215,21 +302,26 @@ function render({ model, el }) {
     }
   }
 
+  // Highlighted tokens get their colour's better text colour (black or white), so every token stays readable.
   function paintTokens() {
     const spans = tokenBox.children;
     const ready = state.detail && state.key === wantedKey();
     const heads = selected();
+    const base = ready && state.focus !== null ? backdrop(tokenBox) : null;
     for (let j = 0; j < spans.length; j++) {
       const span = spans[j];
       span.classList.toggle("nm-focus", j === state.focus);
+      span.setAttribute("aria-selected", String(state.pinned && j === state.focus));
       if (!ready || state.focus === null || j >= state.n || heads.length === 0) {
         span.style.background = "";
+        span.style.color = "";
         delete span.dataset.weight;
         continue;
       }
       const shades = state.mode === "from" ? shadesAt(state.focus, j) : shadesAt(j, state.focus);
-      const [r, g, b] = mix(shades, heads);
-      span.style.background = `rgb(${r | 0},${g | 0},${b | 0})`;
+      const rgb = mix(shades, heads, base);
+      span.style.background = `rgb(${rgb.join(",")})`;
+      span.style.color = textOn(rgb);
       span.dataset.weight = (Math.max(...shades) ** 2).toFixed(3);
     }
     placeCrosshair();
@@ -240,10 +332,12 @@ function render({ model, el }) {
     }
   }
 
+  // Show `index` (null: nothing) unless a token is pinned; `pin` pins it, or unpins it if it was pinned, and it
+  // stays shown while the pointer or the focus is on it.
   function focus(index, pin) {
     if (pin) {
       state.pinned = !(state.pinned && state.focus === index);
-      state.focus = state.pinned ? index : null;
+      state.focus = index;
     } else if (!state.pinned) {
       state.focus = index;
     }
@@ -258,6 +352,28 @@ function render({ model, el }) {
   tokenBox.addEventListener("click", (event) => {
     const span = event.target.closest(".nm-token");
     if (span) focus(Number(span.dataset.index), true);
+  });
+  // The keyboard does what the mouse does: focusing a token shows its attention, Enter or Space pins it.
+  tokenBox.addEventListener("focusin", (event) => {
+    const span = event.target.closest(".nm-token");
+    if (!span) return;
+    const index = Number(span.dataset.index);
+    if (index !== state.active) moveTo(index);
+    focus(index, false);
+  });
+  tokenBox.addEventListener("focusout", (event) => {
+    if (!tokenBox.contains(event.relatedTarget)) focus(null, false);
+  });
+  tokenBox.addEventListener("keydown", (event) => {
+    const span = event.target.closest(".nm-token");
+    if (!span) return;
+    const index = Number(span.dataset.index);
+    if (event.key in TOKEN_STEPS) moveTo(index + TOKEN_STEPS[event.key]);
+    else if (event.key === "Home") moveTo(0);
+    else if (event.key === "End") moveTo(tokenBox.children.length - 1);
+    else if (event.key === "Enter" || event.key === " ") focus(index, true);
+    else return;
+    event.preventDefault();
   });
   canvas.addEventListener("mousemove", (event) => {
     if (!state.detail || !state.n) return;
@@ -322,27 +438,36 @@ function render({ model, el }) {
   };
 }
 
-// The static view's stand-in for the widget model: the same get/set/save_changes/on, backed by embedded data
-// (base64 strings; `details` holds one deflated pattern block per embedded layer).
+// The static view's stand-in for the widget model: the same get/set/save_changes/on, backed by embedded data.
+// `views` holds each embedded prompt's tokens and thumbnails, `details` one deflated pattern block per embedded
+// "layer:prompt" (bytes as base64 strings). Choosing a layer or a prompt swaps in its data, as the kernel would.
 function staticModel(data) {
   const decode = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
-  const state = Object.assign({}, data, { thumbs: decode(data.thumbs) });
+  const state = Object.assign({}, data);
+  delete state.views;
   delete state.details;
   const listeners = {};
   const changed = new Set();
-  const load = () => {
-    state.detail = decode(data.details[String(state.layer)]);
+  const showLayer = () => {
     state.detail_key = `${state.layer}:${state.prompt}`;
+    state.detail = decode(data.details[state.detail_key]);
     changed.add("detail");
   };
-  load();
+  const showPrompt = () => {
+    const view = data.views[String(state.prompt)];
+    Object.assign(state, view, { thumbs: decode(view.thumbs) });
+    for (const key of ["tokens", "n_total", "thumb_size", "thumbs"]) changed.add(key);
+    showLayer();
+  };
+  showPrompt();
   changed.clear();
   return {
     get: (key) => state[key],
     set: (key, value) => {
       state[key] = value;
       changed.add(key);
-      if (key === "layer") load();
+      if (key === "layer") showLayer();
+      if (key === "prompt") showPrompt();
     },
     save_changes: () => {
       const keys = [...changed];
