@@ -283,10 +283,25 @@ def regenerate(notebook: Path) -> None:
         cell.metadata.pop("execution", None)
         if cell.metadata.get("tags") == []:
             del cell.metadata["tags"]
+        if cell.cell_type == "code":
+            cell.outputs = _coalesced(cell.outputs)
     nbformat.write(nb, notebook)
     leaks = _absolute_paths(notebook.read_text(encoding="utf-8"))
     if leaks:
         raise SystemExit(f"{notebook} now stores local paths {sorted(set(leaks))}: keep them out of its outputs")
+
+
+def _coalesced(outputs: list) -> list:
+    """`outputs` with consecutive stream outputs to the same stream joined, as a terminal shows them: how the
+    kernel split a cell's prints into messages depends on timing, and the committed copy should not."""
+    joined: list = []
+    for output in outputs:
+        previous = joined[-1] if joined else None
+        if output.output_type == "stream" and previous is not None and previous.output_type == "stream" and previous.name == output.name:
+            previous.text += output.text
+        else:
+            joined.append(output)
+    return joined
 
 
 if __name__ == "__main__":
