@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import neuronmap as nm
-from conftest import FAMILIES, eager_copy, make_model, output_projection, tokens
+from conftest import eager_copy, make_model, output_projection, tokens
 
 LAYER = 1
 A, B = 5, 7  # answer tokens of the logit-difference metric
@@ -50,17 +50,8 @@ def reading(module: torch.nn.Module, *, inputs: bool = False):
         handle.remove()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def hf(family):
-    return make_model(family)
-
-
-def test_residual_stream_gradient_equals_autograd_on_the_blocks_output(hf, family):
+def test_residual_stream_gradient_equals_autograd_on_the_blocks_output(hf_model, family):
+    hf = hf_model
     with reading(block(hf, family, 0)) as seen:
         reference = torch.autograd.grad(hf_metric(hf(tokens(), use_cache=False)), seen["x"])[0]
     trace = nm.load(hf).run(tokens(), capture_grad="blocks.0.hook_resid_post")
@@ -68,7 +59,8 @@ def test_residual_stream_gradient_equals_autograd_on_the_blocks_output(hf, famil
     assert torch.equal(trace.grad("blocks.0.hook_resid_post"), reference)
 
 
-def test_per_head_gradient_of_hook_z_equals_autograd_on_the_output_projections_input(hf, family):
+def test_per_head_gradient_of_hook_z_equals_autograd_on_the_output_projections_input(hf_model, family):
+    hf = hf_model
     projection = output_projection(hf, family, LAYER)
     with reading(projection, inputs=True) as seen:
         reference = torch.autograd.grad(hf_metric(hf(tokens(), use_cache=False)), seen["x"])[0]
