@@ -4,11 +4,12 @@ The public API is re-exported here; everything else is private to its module. He
 (plotly, scikit-learn, h5py, anywidget) are imported where they are first used, so `import neuronmap` stays light.
 """
 
-from . import zoo
+from . import patching, zoo
 from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
 from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError, NotCapturedError, WeightError
 from .hooks import HookPoint
 from .model import Model, load
+from .patching import PatchingResult, patch
 from .trace import Trace
 from .weights import Weights
 
@@ -27,12 +28,15 @@ __all__ = [
     "Model",
     "NeuronMapError",
     "NotCapturedError",
+    "PatchingResult",
     "Trace",
     "WeightError",
     "Weights",
     "attention",
     "head_scores",
     "load",
+    "patch",
+    "patching",
     "repeated_random_tokens",
     "zoo",
 ]
