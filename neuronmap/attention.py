@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .display import Renders, escape, format_bytes, text_colour
+from .display import Renders, format_bytes
 from .errors import InputError
+from .heatmap import heatmap_figure, heatmap_html
 
 if TYPE_CHECKING:
     from .attention_view import ViewChoice
@@ -259,27 +260,11 @@ class HeadScores(Renders):
         return self.values.numpy()
 
     def figure(self):
-        """A plotly heatmap, layers down and heads across."""
-        import plotly.graph_objects as go
-
-        figure = go.Figure(
-            go.Heatmap(
-                z=self.values.numpy(),
-                x=list(range(self.values.shape[1])),
-                y=self.layers,
-                colorscale="Blues",
-                hovertemplate="layer %{y}, head %{x}: %{z:.3f}<extra></extra>",
-            )
+        """A plotly heatmap, layers down and heads across (white to blue, as the HTML view)."""
+        return heatmap_figure(
+            self.values, self.layers, range(self.values.shape[1]),
+            title=f"{self.kind} score — {self.model_name}", row_title="layer", column_title="head", diverging=False,
         )
-        figure.update_layout(
-            title=f"{self.kind} score — {self.model_name}",
-            xaxis_title="head",
-            yaxis_title="layer",
-            yaxis_autorange="reversed",
-            width=120 + 40 * self.values.shape[1],
-            height=160 + 32 * len(self.layers),
-        )
-        return figure
 
     def __repr__(self) -> str:
         best = ", ".join(f"{layer}.{head} {score:.2f}" for layer, head, score in self.top(3))
@@ -289,19 +274,10 @@ class HeadScores(Renders):
         )
 
     def _repr_html_(self) -> str:
-        low, high = float(self.values.min()), float(self.values.max())
-        span = high - low or 1.0
-        header = "".join(f"<th>{head}</th>" for head in range(self.values.shape[1]))
-        rows = []
-        for layer, row in zip(self.layers, self.values.tolist()):
-            cells = "".join(_score_cell(layer, head, value, (value - low) / span) for head, value in enumerate(row))
-            rows.append(f"<tr><th>{layer}</th>{cells}</tr>")
-        return (
-            '<div class="nm-scores" style="font:12px ui-monospace,Menlo,Consolas,monospace">'
-            f"<div><b>{escape(self.kind)}</b> score per head — {escape(self.model_name)}</div>"
-            f'<div style="color:var(--jp-ui-font-color2,#666)">{escape(self.definition)}</div>'
-            '<table style="border-collapse:collapse;margin-top:4px"><thead><tr><th>layer \\ head</th>'
-            f"{header}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        return heatmap_html(
+            self.values, self.layers, range(self.values.shape[1]),
+            title=f"{self.kind} score per head — {self.model_name}", description=self.definition,
+            row_title="layer", column_title="head", diverging=False,
         )
 
 
@@ -458,15 +434,3 @@ def _key_weights(kind: str, tokens: torch.Tensor) -> torch.Tensor:
     # induction: key j follows an earlier copy of the query's token (tokens[j - 1] == tokens[i], 1 <= j < i)
     before_key = torch.cat([tokens.new_full((1,), -1), tokens[:-1]])
     return (earlier & (key >= 1) & (before_key[None, :] == tokens[:, None])).float()
-
-
-_SCORE_BLUE = (33, 102, 172)
-
-
-def _score_cell(layer: int, head: int, value: float, depth: float) -> str:
-    """One heatmap cell: white to blue by `depth` (0-1), opaque so its text colour holds on any theme's page."""
-    rgb = [round(255 - depth * (255 - c)) for c in _SCORE_BLUE]
-    return (
-        f'<td style="background:rgb({rgb[0]},{rgb[1]},{rgb[2]});color:{text_colour(rgb)}" '
-        f'title="layer {layer}, head {head}">{value:.2f}</td>'
-    )
