@@ -324,3 +324,9 @@ def test_long_sweeps_show_a_progress_bar(capsys):
     model = load("gpt2")
     nm.patch(model, CLEAN, CORRUPT, nm.patching.logit_diff(CORRECT, WRONG), "z", "layer_head_pos", memory_budget=1, progress=True)
     assert "patching z" in capsys.readouterr().err
+
+
+def test_a_module_without_an_adapter_is_refused_before_any_forward():
+    model = nm.load(torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10)))
+    with pytest.raises(nm.NeuronMapError, match=r"patching needs a model of a family NeuronMap has an adapter for"):
+        nm.patch(model, torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long), lambda logits: logits[:, 0, 0], progress=False)

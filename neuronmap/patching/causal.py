@@ -16,8 +16,8 @@ import torch
 
 from ..errors import InputError
 from ..inputs import Batch, Inputs, token_strings
-from .cells import Cell
-from .engine import cached_run, n_layers, sweep_cells
+from .cells import Cell, n_layers
+from .engine import cached_run, sweep_cells
 from .metrics import Answer, Context, TokenProbability
 from .result import GridResult
 from .sweep import MEMORY_BUDGET
@@ -80,6 +80,7 @@ def causal_trace(
     from ..model import Model, load
 
     model = model if isinstance(model, Model) else load(model)
+    layers = n_layers(model)
     if kind not in KINDS:
         raise InputError(f"kind must be one of {sorted(KINDS)}, not {kind!r}")
     if samples < 1 or window < 1:
@@ -107,7 +108,7 @@ def causal_trace(
     effect = (values - corrupted.cpu()).reshape(len(cells), samples, n_prompts).mean(-1)
     labels = token_strings(model.tokenizer, batch.tokens[0].tolist())
     marked = [f"{p} {label}{'*' if p in subject_positions[0] else ''}" for p, label in enumerate(labels)]
-    per_sample = effect.reshape(n_layers(model), length, samples)
+    per_sample = effect.reshape(layers, length, samples)
     return CausalTrace(
         per_sample, float(clean_probability), float(corrupted.mean()), marked, subject, kind, window, model.name, forwards
     )

@@ -74,9 +74,9 @@ def plan(
     positions: Sequence[int] | None = None,
 ) -> Plan:
     """The cells for patching `what` by `by` on inputs of `len(str_tokens)` positions (labelled by `str_tokens`)."""
-    n_layers = sum(1 for name in model.hook_names if name.endswith(".hook_resid_pre"))
+    layers_in_model = n_layers(model)
     if what not in COMPONENTS:
-        return _by_hook(model, what, by, n_layers)
+        return _by_hook(model, what, by, layers_in_model)
     by = by or ("layer_head" if what in _PER_HEAD else "layer_pos")
     if by not in BY:
         raise InputError(f"by={by!r} is not a sweep; choose one of {sorted(BY)}")
@@ -84,7 +84,7 @@ def plan(
         raise InputError(f"{what} cannot be patched by position; patch it by='layer_head' or by='layer'")
     if "head" in by and what not in _PER_HEAD:
         raise InputError(f"{what} has no heads; patch by='layer_pos' or by='layer', or choose one of {sorted(_PER_HEAD)}")
-    chosen_layers = _chosen(layers, n_layers, "layer")
+    chosen_layers = _chosen(layers, layers_in_model, "layer")
     names = {layer: f"blocks.{layer}.{COMPONENTS[what]}" for layer in chosen_layers}
     missing = [name for name in names.values() if name not in model.hook_names]
     if missing:
@@ -111,7 +111,18 @@ def plan(
     return Plan(cells, axes, what, by)
 
 
-def _by_hook(model, what: str, by: str | None, n_layers: int) -> Plan:
+def n_layers(model) -> int:
+    """The model's blocks; patching needs TransformerLens's block hook points, so a model without them is refused."""
+    layers = sum(1 for name in model.hook_names if name.endswith(".hook_resid_pre"))
+    if layers == 0:
+        raise InputError(
+            f"patching needs a model of a family NeuronMap has an adapter for (GPT-2, GPT-NeoX, Llama, Mistral, Qwen2, "
+            f"BERT, RoBERTa); {model.name!r} uses the {model.architecture} adapter, without blocks.L hook points"
+        )
+    return layers
+
+
+def _by_hook(model, what: str, by: str | None, layers_in_model: int) -> Plan:
     """Cells patching the whole activation of each hook point `what` names (a name or a glob)."""
     if by not in (None, "layer"):
         raise InputError(
@@ -119,18 +130,18 @@ def _by_hook(model, what: str, by: str | None, n_layers: int) -> Plan:
             f"components {sorted(COMPONENTS)}"
         )
     names = model.resolve(what)
-    cells = [Cell(name, layer_of(model, name, n_layers), ()) for name in names]
+    cells = [Cell(name, layer_of(model, name, layers_in_model), ()) for name in names]
     return Plan(cells, [("hook point", names)], what, "layer")
 
 
-def layer_of(model, name: str, n_layers: int) -> int:
+def layer_of(model, name: str, layers_in_model: int) -> int:
     """The block a hook point is in: from its name, 0 before the blocks, `n_layers` after them."""
     match = re.match(r"blocks\.(\d+)\.", name)
     if match:
         return int(match.group(1))
     names = model.hook_names
     first_block = next((i for i, n in enumerate(names) if n.startswith("blocks.")), len(names))
-    return 0 if names.index(name) < first_block else n_layers
+    return 0 if names.index(name) < first_block else layers_in_model
 
 
 def _heads_of(model, name: str, what: str) -> int:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..inputs import Batch
-from .cells import Cell
+from .cells import Cell, n_layers
 
 FORWARD_OVERHEAD = 512
 """What one more forward costs, in token-rows through the model: fixed costs (Python, kernel launches, small
@@ -104,10 +104,6 @@ def sweep_cells(
     for group in tqdm(planned, desc=description, disable=not show, leave=False):
         values[[i for i, _ in group.cells]] = run_group(model, group, run, sources, evaluate, positions).float().cpu()
     return values, len(planned)
-
-
-def n_layers(model) -> int:
-    return sum(1 for name in model.hook_names if name.endswith(".hook_resid_pre"))
 
 
 def is_causal(model) -> bool:

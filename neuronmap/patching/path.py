@@ -15,8 +15,7 @@ import torch
 
 from ..errors import InputError
 from ..inputs import Inputs
-from .cells import Cell, Plan
-from .engine import n_layers
+from .cells import Cell, Plan, n_layers
 from .metrics import Context, Metric, as_metric
 from .result import PatchingResult
 from .sweep import DIRECTIONS, MEMORY_BUDGET, paired
@@ -46,12 +45,12 @@ def path_patch(
     from ..model import Model, load
 
     model = model if isinstance(model, Model) else load(model)
+    layers = n_layers(model)
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     if senders not in SENDERS:
         raise InputError(f"senders must be one of {SENDERS}, not {senders!r}")
     metric = as_metric(metric)
-    layers = n_layers(model)
     receiving = _receivers(model, receivers, layers)
     clean_batch, corrupt_batch = paired(model, clean, corrupt)
     target, source = (clean_batch, corrupt_batch) if direction == "noise" else (corrupt_batch, clean_batch)

@@ -7,7 +7,7 @@ import torch
 
 from ..errors import InputError
 from ..inputs import Batch, Inputs, token_strings
-from .cells import plan
+from .cells import n_layers, plan
 from .engine import cached_run, sweep_cells
 from .metrics import Context, Metric, as_metric
 from .result import PatchingResult
@@ -49,6 +49,7 @@ def patch(
     if direction not in DIRECTIONS:
         raise InputError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
     metric = as_metric(metric)
+    n_layers(model)  # refuses, before any forward, a model without block hook points
     clean_batch, corrupt_batch = paired(model, clean, corrupt)
     labels = token_strings(model.tokenizer, clean_batch.tokens[0].tolist())
     sweep = plan(model, what, by, labels, layers, heads, positions)
