@@ -184,8 +184,19 @@ def test_a_small_memory_budget_runs_one_cell_per_forward_with_the_same_values():
     metric = nm.patching.logit_diff(CORRECT, WRONG)
     stacked = nm.patch(model, CLEAN, CORRUPT, metric, "z", "layer_head_pos", progress=False)
     single = nm.patch(model, CLEAN, CORRUPT, metric, "z", "layer_head_pos", memory_budget=1, progress=False)
-    assert single.forwards == stacked.per_prompt[..., 0].numel() > stacked.forwards
+    assert single.forwards > stacked.forwards
     torch.testing.assert_close(single.raw, stacked.raw, rtol=0, atol=1e-5)
+
+
+def test_rows_whose_patch_writes_what_is_already_there_take_no_forward():
+    model = load("gpt2", "left")
+    differs = model._batch(CORRUPT).tokens != model._batch(CLEAN).tokens
+    first = differs.int().argmax(1)  # each prompt's first corrupted position
+    # one row per forward: layer 0 differs only at the corrupted tokens; layer 1 (causal) from the first one on
+    expected = int(differs.sum()) + int((differs.shape[1] - first).sum())
+    result = nm.patch(model, CLEAN, CORRUPT, nm.patching.logit_diff(CORRECT, WRONG), "resid_pre", memory_budget=1, progress=False)
+    assert result.forwards == expected
+    torch.testing.assert_close(result.raw, loop(model, "resid_pre", "layer_pos"), rtol=0, atol=1e-5)
 
 
 def test_a_bidirectional_model_gets_the_layer_shortcut_only():

@@ -94,15 +94,20 @@ def causal_trace(
     answer = clean.logits[rows, last].argmax(-1) if answer is None else answer
     repeated = Batch(batch.tokens.repeat(samples, 1), batch.attention_mask.repeat(samples, 1)).to(model.device)
     noise_values = _noise(model, subject_positions, samples, length, noise, seed)
-    target = cached_run(model, repeated, base=_adding(noise_values))
+    noised = _adding(noise_values)
+    target = cached_run(model, repeated, base=noised)
     sample_rows = torch.arange(samples * n_prompts, device=last.device)
     context = Context(repeated.tokens, repeated.attention_mask, target.last, clean.logits[rows, last].repeat(samples, 1), model)
     evaluate = TokenProbability(_per_row(answer, n_prompts, samples), log=False).bind(context)
     corrupted = evaluate(target.logits[sample_rows, target.last], sample_rows)
     clean_probability = evaluate(clean.logits[rows, last].repeat(samples, 1), sample_rows)[:n_prompts].mean()
     cells, sources = _cells(model, kind, window, length, clean, samples)
+    names = sorted({name for cell in cells for name, _ in cell.parts})
+    every_row = torch.arange(samples * n_prompts)
+    there = model.run(repeated.tokens, attention_mask=repeated.attention_mask, capture=names, interventions=noised(0, every_row))
+    targets = [tuple(there[name][index] for name, index in cell.parts) for cell in cells]
     values, forwards = sweep_cells(
-        model, cells, target, sources, evaluate, "last",
+        model, cells, target, sources, targets, evaluate, "last",
         memory_budget=memory_budget, progress=progress, description=f"causal tracing ({kind})",
     )
     effect = (values - corrupted.cpu()).reshape(len(cells), samples, n_prompts).mean(-1)
@@ -159,10 +164,10 @@ def _noise(model, positions: list[list[int]], samples: int, length: int, scale: 
 
 
 def _adding(noise: torch.Tensor):
-    """The corrupted run's own intervention: the noise added to the token embeddings, for the positions run."""
+    """The corrupted run's own intervention: the noise added to the token embeddings, for the rows and positions run."""
 
-    def base(start: int, copies: int) -> dict:
-        added = noise[:, start:].repeat(copies, 1, 1)
+    def base(start: int, prompts: torch.Tensor) -> dict:
+        added = noise[prompts, start:]
         return {"hook_embed": lambda activation, hook: activation + added}
 
     return base

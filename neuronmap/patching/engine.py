@@ -1,15 +1,19 @@
 """Running many patching cells with only the work that changes.
 
-Three shortcuts, each exact (the tests compare them with one plain forward per cell):
+The unit of work is a row: one cell's patch on one prompt. Four shortcuts, each exact (the tests compare them
+with one plain forward per cell):
+- **Nothing to patch.** A row whose patch writes the value already there (the clean and corrupted runs agree at
+  that hook point, e.g. before the first corrupted token of a causal model) is the run being patched: it is read
+  from the cached run, without a forward.
 - **Layers.** A patch in block L cannot change blocks below it, so blocks 0..L-1 are skipped: while a group of
-  cells runs, each of those blocks returns the cached output that block L-1 gave in the run being patched.
-- **Positions** (causal models). A patch at position p cannot change earlier positions, so a group of cells whose
-  positions are all ≥ p0 runs only positions p0.. with the cached keys and values of positions < p0 (HF's own
-  KV cache), and the logits of earlier positions come from the cached run.
-- **Batching.** Cells share one forward by being stacked along the batch (cell c's copy of the prompts is rows
-  c·P … c·P + P - 1), as many as a memory budget allows.
-Which cells share a forward is chosen per layer by a small dynamic programme over their positions that trades
-the positions skipped against the number of forwards.
+  rows runs, each of those blocks returns the cached output that block L-1 gave in the run being patched.
+- **Positions** (causal models). A row that changes nothing before position p (it patches position p, or the
+  two runs agree before p) runs only positions p.. with the cached keys and values of the earlier positions (HF's
+  own KV cache), and the logits of earlier positions come from the cached run.
+- **Batching.** Rows share one forward by being stacked along the batch, as many as a memory budget allows.
+Which rows share a forward is chosen per layer by a small dynamic programme over their first positions that
+trades the positions skipped against the number of forwards. A metric that needs each cell's prompts together
+(a function of the logits) keeps each cell's rows in one forward.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ FORWARD_OVERHEAD = 512
 matrices) make a forward of few rows slower per row than a large one."""
 
 
-Base = Callable[[int, int], dict]
+Base = Callable[[int, torch.Tensor], dict]
 """Interventions that make the run being patched what it is (e.g. noise on the embeddings), as a function of
-(first position run, number of stacked copies of the prompts) returning `{hook name: function}`."""
+(first position run, the prompt of each row) returning `{hook name: function}`."""
 
 
 @dataclass
@@ -50,12 +54,21 @@ class Run:
 
 
 @dataclass
+class Unit:
+    """Rows that go into one forward together: `cell`'s patch on `prompts`, changing nothing before `start`."""
+
+    cell: int
+    prompts: list[int]
+    start: int
+
+
+@dataclass
 class Group:
-    """Cells that share one forward: all resume at `layer` and run from position `start`."""
+    """Units that share one forward: all resume at `layer` and run from position `start`."""
 
     layer: int
     start: int
-    cells: list[tuple[int, Cell]]
+    units: list[Unit]
 
 
 def cached_run(model, batch: Batch, base: Base | None = None) -> Run:
@@ -67,8 +80,9 @@ def cached_run(model, batch: Batch, base: Base | None = None) -> Run:
         block.register_forward_hook(lambda module, args, output, i=i: outputs.__setitem__(i, _main(output).detach()))
         for i, block in enumerate(blocks)
     ]
+    every_prompt = torch.arange(batch.tokens.shape[0])
     try:
-        with torch.no_grad(), model.hooks(base(0, 1) if base else {}):
+        with torch.no_grad(), model.hooks(base(0, every_prompt) if base else {}):
             kwargs = {"use_cache": True} if causal else model._forward_kwargs
             output = model.module(input_ids=batch.tokens, attention_mask=batch.attention_mask, **kwargs)
     finally:
@@ -85,25 +99,169 @@ def sweep_cells(
     cells: Sequence[Cell],
     run: Run,
     sources: Sequence[tuple[torch.Tensor, ...]],
+    targets: Sequence[tuple[torch.Tensor, ...]],
     evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     positions: str,
     *,
+    row_wise: bool = True,
     memory_budget: int,
     progress: bool | None,
     description: str,
 ) -> tuple[torch.Tensor, int]:
-    """The metric `[cell, prompt]` of every cell (`sources[i]`: the values of cell i's parts, written into `run`),
-    and the forwards it took."""
+    """The metric `[cell, prompt]` of every cell (`sources[i]`: the values of cell i's parts, written into `run`,
+    whose values there are `targets[i]`), and the forwards it took. `row_wise`: the metric is computed row by row
+    (else each cell's prompts are evaluated together)."""
     from tqdm.auto import tqdm
 
     n_prompts, length = run.batch.tokens.shape
-    max_rows = _max_rows(model, n_prompts, length, positions == "all", memory_budget)
-    planned = groups(cells, n_prompts, length, max_rows, run.keys_values is not None)
-    values = torch.empty(len(cells), n_prompts)
+    causal = run.keys_values is not None
+    every_prompt = torch.arange(n_prompts, device=run.logits.device)
+    unpatched = evaluate(_at(run.logits, run, every_prompt, positions), every_prompt).float().cpu()
+    values = unpatched.repeat(len(cells), 1)
+    units = []
+    for i, cell in enumerate(cells):
+        starts = _first_changes(cell, sources[i], targets[i], causal)
+        changed = [j for j in range(n_prompts) if starts[j] is not None]
+        if row_wise:
+            units += [Unit(i, [j], starts[j]) for j in changed]
+        elif changed:
+            units.append(Unit(i, list(range(n_prompts)), min(starts[j] for j in changed)))
+    max_rows = _max_rows(model, length, positions == "all", memory_budget)
+    planned = groups(cells, units, length, max_rows, causal)
     show = progress if progress is not None else len(planned) >= 16
     for group in tqdm(planned, desc=description, disable=not show, leave=False):
-        values[[i for i, _ in group.cells]] = run_group(model, group, run, sources, evaluate, positions).float().cpu()
+        computed = run_group(model, group, cells, run, sources, evaluate, positions).float().cpu()
+        row = 0
+        for unit in group.units:
+            values[unit.cell, unit.prompts] = computed[row : row + len(unit.prompts)]
+            row += len(unit.prompts)
     return values, len(planned)
+
+
+def _first_changes(cell: Cell, source: tuple, target: tuple, causal: bool) -> list[int | None]:
+    """For each prompt, the first position the cell's patch changes (None: it writes what is already there)."""
+    n_prompts = source[0].shape[0]
+    first: list[int | None] = [None] * n_prompts
+    for value, there in zip(source, target):
+        differs = (value != there).reshape(n_prompts, -1).any(1) if cell.position is not None else None
+        for j in range(n_prompts):
+            if cell.position is not None:
+                start = cell.position if differs[j] else None
+            else:
+                start = _first_differing_position(value[j], there[j]) if causal else (0 if not torch.equal(value[j], there[j]) else None)
+            if start is not None:
+                first[j] = start if first[j] is None else min(first[j], start)
+    return first
+
+
+def _first_differing_position(value: torch.Tensor, there: torch.Tensor) -> int | None:
+    """The first index along the first dimension (the positions) where the two differ, None if they are equal."""
+    if value.dim() == 0:
+        return None if torch.equal(value, there) else 0
+    differs = (value != there).reshape(value.shape[0], -1).any(1).nonzero()
+    return int(differs[0]) if len(differs) else None
+
+
+def groups(cells: Sequence[Cell], units: list[Unit], length: int, max_rows: int, causal: bool) -> list[Group]:
+    """Units grouped into forwards: by the layer they resume at, then into runs of consecutive first positions
+    chosen to minimise token-rows computed plus `FORWARD_OVERHEAD` per forward (in causal models)."""
+    per_layer: dict[int, list[Unit]] = {}
+    for unit in units:
+        per_layer.setdefault(cells[unit.cell].layer, []).append(unit)
+    result = []
+    for layer, members in per_layer.items():
+        if not causal:
+            for unit in members:
+                unit.start = 0
+        members.sort(key=lambda unit: unit.start)
+        result += [Group(layer, members[i].start, members[i:j]) for i, j in _split(members, length, max_rows)]
+    return result
+
+
+def _split(members: list[Unit], length: int, max_rows: int) -> list[tuple[int, int]]:
+    """Bounds of consecutive runs of `members` (sorted by start) of at most `max_rows` rows, minimising cost."""
+    n = len(members)
+    rows = [0]
+    for unit in members:
+        rows.append(rows[-1] + len(unit.prompts))
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j units
+    split = [0] * (n + 1)
+    for j in range(1, n + 1):
+        i = j - 1
+        while i >= 0 and (rows[j] - rows[i] <= max_rows or i == j - 1):
+            cost = best[i] + (rows[j] - rows[i]) * (length - members[i].start) + FORWARD_OVERHEAD
+            if cost < best[j]:
+                best[j], split[j] = cost, i
+            i -= 1
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((split[j], j))
+        j = split[j]
+    return list(reversed(bounds))
+
+
+def run_group(
+    model,
+    group: Group,
+    cells: Sequence[Cell],
+    run: Run,
+    sources: Sequence[tuple[torch.Tensor, ...]],
+    evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    positions: str,
+) -> torch.Tensor:
+    """The metric of each row of one group (units in order), from one forward of the stacked rows."""
+    length = run.batch.tokens.shape[1]
+    start = group.start
+    device = run.logits.device
+    prompts = torch.tensor([j for unit in group.units for j in unit.prompts], device=device)
+    tokens = run.batch.tokens[prompts, start:]
+    mask = run.batch.attention_mask[prompts]
+    kwargs = dict(model._forward_kwargs)
+    if start > 0:
+        kwargs.update(use_cache=True, past_key_values=_cache(model, run, group.layer, start, prompts))
+    last_only = positions == "last" and bool((run.last[prompts] == length - 1).all()) and _accepts(model.module, "logits_to_keep")
+    if last_only:
+        kwargs["logits_to_keep"] = 1
+    interventions = _writes(group, cells, sources, start, device)
+    resume = run.block_outputs[group.layer - 1][prompts, start:] if group.layer > 0 else None
+    base = run.base(start, prompts) if run.base else {}
+    with torch.no_grad(), model.hooks(base), model.hooks(interventions), _skipping(run.blocks[: group.layer], resume):
+        logits = model.module(input_ids=tokens, attention_mask=mask, **kwargs).logits
+    if positions == "last":
+        logits = logits[:, -1] if last_only else _last_logits(logits, run, start, prompts)
+    else:
+        logits = torch.cat([run.logits[prompts, :start], logits], dim=1)
+    return evaluate(logits, prompts)
+
+
+def _writes(group: Group, cells: Sequence[Cell], sources: Sequence[tuple[torch.Tensor, ...]], start: int, device) -> dict[str, Callable]:
+    """One intervention per hook point, writing each unit's source values into its own rows."""
+    per_name: dict[str, list[tuple[torch.Tensor, tuple, torch.Tensor]]] = {}
+    row = 0
+    for unit in group.units:
+        cell = cells[unit.cell]
+        rows = torch.arange(row, row + len(unit.prompts), device=device)
+        row += len(unit.prompts)
+        for (name, index), value in zip(cell.parts, sources[unit.cell]):
+            value = value[unit.prompts]
+            if cell.position is not None:
+                index = _shifted(index, start)
+            elif start > 0:
+                value = value[:, start:]  # every position: only those run (the earlier ones are unchanged)
+            per_name.setdefault(name, []).append((rows, index, value))
+
+    def writer(entries: list[tuple[torch.Tensor, tuple, torch.Tensor]]) -> Callable:
+        def write(activation: torch.Tensor, hook) -> None:
+            for rows, index, value in entries:
+                activation[(rows, *index[1:])] = value
+
+        return write
+
+    return {name: writer(entries) for name, entries in per_name.items()}
+
+
+def _at(logits: torch.Tensor, run: Run, prompts: torch.Tensor, positions: str) -> torch.Tensor:
+    return logits[prompts, run.last[prompts]] if positions == "last" else logits[prompts]
 
 
 def is_causal(model) -> bool:
@@ -112,106 +270,19 @@ def is_causal(model) -> bool:
     return bool(getattr(config, "use_cache", False)) and not getattr(config, "is_encoder_decoder", False) and model.architecture != "bert"
 
 
-def _max_rows(model, n_prompts: int, length: int, all_positions: bool, budget: int) -> int:
+def _max_rows(model, length: int, all_positions: bool, budget: int) -> int:
     """Rows one forward may stack: a rough per-row estimate of activations, attention and logits against `budget`."""
     config = model._config
     d_model = getattr(config, "hidden_size", 768)
     heads = getattr(config, "num_attention_heads", 12)
     vocab = getattr(config, "vocab_size", 50_000)
     per_row = 4 * length * (16 * d_model + 2 * heads * length + (vocab if all_positions else 0)) + 4 * vocab
-    return max(n_prompts, budget // per_row // n_prompts * n_prompts)
-
-
-def groups(cells: Sequence[Cell], n_prompts: int, length: int, max_rows: int, causal: bool) -> list[Group]:
-    """Cells grouped into forwards: by the layer they resume at, then (causal models, cells at one position each)
-    into runs of consecutive positions chosen to minimise token-rows computed plus `FORWARD_OVERHEAD` per forward."""
-    per_layer: dict[int, list[tuple[int, Cell]]] = {}
-    for i, cell in enumerate(cells):
-        per_layer.setdefault(cell.layer, []).append((i, cell))
-    per_forward = max(1, max_rows // n_prompts)
-    result = []
-    for layer, members in per_layer.items():
-        if causal and all(cell.position is not None for _, cell in members):
-            members = sorted(members, key=lambda member: member[1].position)
-            result += _by_position(layer, members, n_prompts, length, per_forward)
-        else:
-            result += [Group(layer, 0, members[i : i + per_forward]) for i in range(0, len(members), per_forward)]
-    return result
-
-
-def _by_position(layer: int, members: list[tuple[int, Cell]], n_prompts: int, length: int, per_forward: int) -> list[Group]:
-    """Split cells sorted by position into consecutive forwards of at most `per_forward` cells, minimising cost."""
-    n = len(members)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j cells
-    split = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(max(0, j - per_forward), j):
-            start = members[i][1].position
-            cost = best[i] + (j - i) * n_prompts * (length - start) + FORWARD_OVERHEAD
-            if cost < best[j]:
-                best[j], split[j] = cost, i
-    bounds, j = [], n
-    while j > 0:
-        bounds.append((split[j], j))
-        j = split[j]
-    return [Group(layer, members[i][1].position, members[i:j]) for i, j in reversed(bounds)]
-
-
-def run_group(
-    model,
-    group: Group,
-    run: Run,
-    sources: Sequence[tuple[torch.Tensor, ...]],
-    evaluate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    positions: str,
-) -> torch.Tensor:
-    """The metric `[cells, prompts]` for one group's cells, from one forward of the stacked rows."""
-    n_prompts, length = run.batch.tokens.shape
-    n_cells, start = len(group.cells), group.start
-    rows = n_cells * n_prompts
-    tokens = run.batch.tokens[:, start:].repeat(n_cells, 1)
-    mask = run.batch.attention_mask.repeat(n_cells, 1)
-    kwargs = dict(model._forward_kwargs)
-    if start > 0:
-        kwargs.update(use_cache=True, past_key_values=_cache(model, run, group.layer, start, n_cells))
-    last_only = positions == "last" and bool((run.last == length - 1).all()) and _accepts(model.module, "logits_to_keep")
-    if last_only:
-        kwargs["logits_to_keep"] = 1
-    interventions = _writes(group, sources, start, n_prompts)
-    resume = run.block_outputs[group.layer - 1][:, start:].repeat(n_cells, 1, 1) if group.layer > 0 else None
-    base = run.base(start, n_cells) if run.base else {}
-    with torch.no_grad(), model.hooks(base), model.hooks(interventions), _skipping(run.blocks[: group.layer], resume):
-        logits = model.module(input_ids=tokens, attention_mask=mask, **kwargs).logits
-    prompts = torch.arange(rows, device=logits.device) % n_prompts
-    if positions == "last":
-        logits = logits[:, -1] if last_only else _last_logits(logits, run, start, prompts)
-    else:
-        logits = torch.cat([run.logits[prompts, :start], logits], dim=1)
-    return evaluate(logits, prompts).reshape(n_cells, n_prompts)
-
-
-def _writes(group: Group, sources: Sequence[tuple[torch.Tensor, ...]], start: int, n_prompts: int) -> dict[str, Callable]:
-    """One intervention per hook point, writing each cell's source values into its own rows."""
-    per_name: dict[str, list[tuple[slice, tuple, torch.Tensor]]] = {}
-    for c, (i, cell) in enumerate(group.cells):
-        rows = slice(c * n_prompts, (c + 1) * n_prompts)
-        for (name, index), value in zip(cell.parts, sources[i]):
-            per_name.setdefault(name, []).append((rows, _shifted(index, start), value))
-
-    def writer(entries: list[tuple[slice, tuple, torch.Tensor]]) -> Callable:
-        def write(activation: torch.Tensor, hook) -> None:
-            for rows, index, value in entries:
-                activation[rows][index] = value
-
-        return write
-
-    return {name: writer(entries) for name, entries in per_name.items()}
+    return max(1, budget // per_row)
 
 
 def _shifted(index: tuple, start: int) -> tuple:
-    """`index` with its position (dimension 1) counted from `start`, as in an activation of positions start.."""
-    if start == 0 or len(index) < 2:
-        return index
+    """A one-position cell's `index` with its position (dimension 1) counted from `start`, as in an activation of
+    positions start.."""
     return (index[0], index[1] - start, *index[2:])
 
 
@@ -223,8 +294,8 @@ def _last_logits(logits: torch.Tensor, run: Run, start: int, prompts: torch.Tens
     return torch.where((last >= start).unsqueeze(-1), computed, cached)
 
 
-def _cache(model, run: Run, layer: int, start: int, n_cells: int):
-    """HF's KV cache holding the cached run's keys and values of positions < `start`, for every row.
+def _cache(model, run: Run, layer: int, start: int, prompts: torch.Tensor):
+    """HF's KV cache holding the cached run's keys and values of positions < `start`, for every row (of `prompts`).
 
     Blocks below `layer` are skipped and never read theirs, so they get a placeholder of the right length only.
     """
@@ -233,10 +304,10 @@ def _cache(model, run: Run, layer: int, start: int, n_cells: int):
     data = []
     for i, (keys, values) in enumerate(run.keys_values):
         if i < layer:
-            placeholder = keys[:, :1, :start, :1].repeat(n_cells, 1, 1, 1)
+            placeholder = keys[prompts, :1, :start, :1]
             data.append((placeholder, placeholder))
         else:
-            data.append((keys[:, :, :start].repeat(n_cells, 1, 1, 1), values[:, :, :start].repeat(n_cells, 1, 1, 1)))
+            data.append((keys[prompts, :, :start], values[prompts, :, :start]))
     return DynamicCache(ddp_cache_data=data, config=model.module.config)
 
 

@@ -36,6 +36,8 @@ class Metric:
 
     positions = "last"
     name = "metric"
+    row_wise = True
+    """Whether a prompt's value depends on that prompt's logits alone (a function of a whole run may not)."""
 
     def bind(self, context: Context) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A function `(logits of rows, prompt index of each row) -> [rows]` for these prompts."""
@@ -118,6 +120,7 @@ class CallableMetric(Metric):
     """A user's function of one run's logits `[prompt, pos, vocab]` returning one value per prompt."""
 
     positions = "all"
+    row_wise = False
 
     def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]):
         self.function = function

@@ -55,7 +55,9 @@ def patch(
     sweep = plan(model, what, by, labels, layers, heads, positions)
     target_batch, source_batch = (corrupt_batch, clean_batch) if direction == "denoise" else (clean_batch, corrupt_batch)
     target = cached_run(model, target_batch.to(model.device))
-    source = model.run(source_batch.tokens, attention_mask=source_batch.attention_mask, capture=sorted({c.name for c in sweep.cells}))
+    names = sorted({name for cell in sweep.cells for name, _ in cell.parts})
+    source = model.run(source_batch.tokens, attention_mask=source_batch.attention_mask, capture=names)
+    there = model.run(target_batch.tokens, attention_mask=target_batch.attention_mask, capture=names)
     clean_full = target.logits if direction == "noise" else source.logits
     corrupt_full = source.logits if direction == "noise" else target.logits
     last = target.last
@@ -71,8 +73,9 @@ def patch(
             "there is no difference for patching to explain"
         )
     sources = [tuple(source[name][index] for name, index in cell.parts) for cell in sweep.cells]
+    targets = [tuple(there[name][index] for name, index in cell.parts) for cell in sweep.cells]
     raw, forwards = sweep_cells(
-        model, sweep.cells, target, sources, evaluate, metric.positions,
+        model, sweep.cells, target, sources, targets, evaluate, metric.positions, row_wise=metric.row_wise,
         memory_budget=memory_budget, progress=progress, description=f"patching {what}",
     )
     return PatchingResult(sweep, raw, clean_value.cpu(), corrupt_value.cpu(), metric, direction, model.name, forwards)
