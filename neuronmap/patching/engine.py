@@ -29,7 +29,7 @@ from torch import nn
 from ..inputs import Batch
 from .cells import Cell, n_layers
 
-FORWARD_OVERHEAD = 512
+FORWARD_OVERHEAD = 128
 """What one more forward costs, in token-rows through the model: fixed costs (Python, kernel launches, small
 matrices) make a forward of few rows slower per row than a large one."""
 
