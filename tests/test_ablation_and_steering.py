@@ -146,11 +146,7 @@ def test_the_ioi_head_sweep_finds_the_head_on_the_models_card():
     model = nm.load("ioi")
     prompts = ioi.heldout_prompts(16)
 
-    def corrupted(p):  # the second mention names the indirect object instead: the answer flips
-        i = p["prompt"].rindex(" " + p["s"] + " ")
-        return p["prompt"][:i] + " " + p["io"] + p["prompt"][i + len(p["s"]) + 1 :]
-
     metric = nm.patching.logit_diff([" " + p["io"] for p in prompts], [" " + p["s"] for p in prompts])
-    result = nm.patch(model, [p["prompt"] for p in prompts], [corrupted(p) for p in prompts], metric, "z", progress=False)
+    result = nm.patch(model, [p["prompt"] for p in prompts], [ioi.flipped(p) for p in prompts], metric, "z", progress=False)
     assert result.top(1)[0][0] == ("1", "2")  # the card: "L1H2 matters", direct logit contribution +7.23
     assert result.values[1, 2] > 0.9 and result.values[1, [0, 1, 3]].abs().max() < 0.05

@@ -108,11 +108,7 @@ def test_on_ioi_the_head_whose_direct_path_to_the_logits_carries_the_logit_diffe
     model = nm.load("ioi")
     prompts = ioi.heldout_prompts(16)
 
-    def corrupted(p):  # the second mention names the indirect object instead: the answer flips
-        i = p["prompt"].rindex(" " + p["s"] + " ")
-        return p["prompt"][:i] + " " + p["io"] + p["prompt"][i + len(p["s"]) + 1 :]
-
     metric = nm.patching.logit_diff([" " + p["io"] for p in prompts], [" " + p["s"] for p in prompts])
-    result = nm.patching.path_patch(model, [p["prompt"] for p in prompts], [corrupted(p) for p in prompts], metric)
+    result = nm.patching.path_patch(model, [p["prompt"] for p in prompts], [ioi.flipped(p) for p in prompts], metric)
     assert result.top(1)[0][0] == ("1", "2")  # L1H2: "its direct contribution to the logit difference is +7.23"
     assert result.values[1, 2] < 0.3 and (result.values.flatten()[[0, 1, 2, 3, 4, 5, 7]] - 1).abs().max() < 0.05

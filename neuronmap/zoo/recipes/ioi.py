@@ -329,6 +329,14 @@ def ioi_prompt(template: str, io: str, s: str, order: str, place: str, obj: str)
     return {"prompt": prompt, "io": io, "s": s, "order": order, "template": template}
 
 
+def flipped(prompt: dict) -> str:
+    """`prompt`'s text with the second mention of S naming the indirect object instead, so the answer flips: the
+    corrupted prompt of a patching experiment (same length, one token changed)."""
+    text, s, io = prompt["prompt"], prompt["s"], prompt["io"]
+    i = text.rindex(" " + s + " ")
+    return text[:i] + " " + io + text[i + len(s) + 1 :]
+
+
 def heldout_prompts(n: int, seed: int = SEED_MEASURE) -> list[dict]:
     """`n` IOI prompts from held-out name pairs and held-out templates, both orders, sampled with `seed`."""
     rng = random.Random(seed)
