@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
+import transformers
 
 import neuronmap as nm
 from neuronmap.zoo.recipes import ioi
 from conftest import make_model, tokens
 
 N_HEADS, D_HEAD = 4, 8
+# transformers 5.25 renamed the forward's KV-cache argument and output from `past_key_values` to `cache`
+CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(transformers.GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +94,8 @@ def test_steering_changes_generate_as_the_same_addition_by_hand_on_the_cached_st
         with torch.no_grad():
             past, ids, new = None, prompt, []
             for _ in range(6):  # greedy decoding, one new position per step on HF's own cache
-                out = hf(ids, past_key_values=past, use_cache=True)
-                past, ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                out = hf(ids, use_cache=True, **{CACHE_ARGUMENT: past})
+                past, ids = getattr(out, CACHE_ARGUMENT), out.logits[:, -1:].argmax(-1)
                 new.append(ids)
     finally:
         handle.remove()

@@ -90,7 +90,7 @@ def cached_run(model, batch: Batch, base: Base | None = None) -> Run:
             handle.remove()
     keys_values = None
     if causal:
-        keys_values = [(layer.keys, layer.values) for layer in output.past_key_values.layers]
+        keys_values = [(layer.keys, layer.values) for layer in _returned_cache(output).layers]
     return Run(batch, blocks, outputs, output.logits.detach(), keys_values, batch.last_positions, base)
 
 
@@ -218,7 +218,7 @@ def run_group(
     mask = run.batch.attention_mask[prompts]
     kwargs = dict(model._forward_kwargs)
     if start > 0:
-        kwargs.update(use_cache=True, past_key_values=_cache(model, run, group.layer, start, prompts))
+        kwargs.update({"use_cache": True, _cache_parameter(model.module): _cache(model, run, group.layer, start, prompts)})
     last_only = positions == "last" and bool((run.last[prompts] == length - 1).all()) and _accepts(model.module, "logits_to_keep")
     if last_only:
         kwargs["logits_to_keep"] = 1
@@ -333,3 +333,14 @@ def _main(output) -> torch.Tensor:
 
 def _accepts(module: nn.Module, parameter: str) -> bool:
     return parameter in inspect.signature(module.forward).parameters
+
+
+def _cache_parameter(module: nn.Module) -> str:
+    """The forward's KV-cache argument: `cache` from transformers 5.25 on (`past_key_values` is deprecated there)."""
+    return "cache" if _accepts(module, "cache") else "past_key_values"
+
+
+def _returned_cache(output):
+    """The KV cache a forward returned, under either of its names."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
