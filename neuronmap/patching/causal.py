@@ -95,17 +95,15 @@ def causal_trace(
     repeated = Batch(batch.tokens.repeat(samples, 1), batch.attention_mask.repeat(samples, 1)).to(model.device)
     noise_values = _noise(model, subject_positions, samples, length, noise, seed)
     noised = _adding(noise_values)
-    target = cached_run(model, repeated, base=noised)
+    cells, sources = _cells(model, kind, window, length, clean, samples)
+    names = sorted({name for cell in cells for name, _ in cell.parts})
+    target = cached_run(model, repeated, base=noised, capture=names)
     sample_rows = torch.arange(samples * n_prompts, device=last.device)
     context = Context(repeated.tokens, repeated.attention_mask, target.last, clean.logits[rows, last].repeat(samples, 1), model)
     evaluate = TokenProbability(_per_row(answer, n_prompts, samples), log=False).bind(context)
     corrupted = evaluate(target.logits[sample_rows, target.last], sample_rows)
     clean_probability = evaluate(clean.logits[rows, last].repeat(samples, 1), sample_rows)[:n_prompts].mean()
-    cells, sources = _cells(model, kind, window, length, clean, samples)
-    names = sorted({name for cell in cells for name, _ in cell.parts})
-    every_row = torch.arange(samples * n_prompts)
-    there = model.run(repeated.tokens, attention_mask=repeated.attention_mask, capture=names, interventions=noised(0, every_row))
-    targets = [tuple(there[name][index] for name, index in cell.parts) for cell in cells]
+    targets = [tuple(target.captured[name][index] for name, index in cell.parts) for cell in cells]
     values, forwards = sweep_cells(
         model, cells, target, sources, targets, evaluate, "last",
         memory_budget=memory_budget, progress=progress, description=f"causal tracing ({kind})",

@@ -1,6 +1,6 @@
 """Running many patching cells with only the work that changes.
 
-The unit of work is a row: one cell's patch on one prompt. Four shortcuts, each exact (the tests compare them
+The unit of work is a row: one cell's patch on one prompt. Five shortcuts, each exact (the tests compare them
 with one plain forward per cell):
 - **Nothing to patch.** A row whose patch writes the value already there (the clean and corrupted runs agree at
   that hook point, e.g. before the first corrupted token of a causal model) is the run being patched: it is read
@@ -10,6 +10,9 @@ with one plain forward per cell):
 - **Positions** (causal models). A row that changes nothing before position p (it patches position p, or the
   two runs agree before p) runs only positions p.. with the cached keys and values of the earlier positions (HF's
   own KV cache), and the logits of earlier positions come from the cached run.
+- **The last position.** When the metric reads the last position only, the final block's attention output
+  projection and MLP compute that position only (nothing after them mixes positions), and the logits are
+  computed there only.
 - **Batching.** Rows share one forward by being stacked along the batch, as many as a memory budget allows.
 Which rows share a forward is chosen per layer by a small dynamic programme over their first positions that
 trades the positions skipped against the number of forwards. A metric that needs each cell's prompts together
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..capture import PositionSelection, Recorder
 from ..inputs import Batch
 from .cells import Cell, n_layers
 
@@ -51,6 +55,7 @@ class Run:
     keys_values: list[tuple[torch.Tensor, torch.Tensor]] | None
     last: torch.Tensor
     base: Base | None = None
+    captured: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -71,8 +76,9 @@ class Group:
     units: list[Unit]
 
 
-def cached_run(model, batch: Batch, base: Base | None = None) -> Run:
-    """Run `batch` once (with `base`'s interventions), keeping what the shortcuts resume from."""
+def cached_run(model, batch: Batch, base: Base | None = None, capture: Sequence[str] = ()) -> Run:
+    """Run `batch` once (with `base`'s interventions), keeping what the shortcuts resume from and the activations
+    at the hook points named in `capture` (after `base`'s interventions)."""
     blocks = [model._points[f"blocks.{layer}.hook_resid_post"].module for layer in range(n_layers(model))]
     causal = is_causal(model)
     outputs: list[torch.Tensor] = [None] * len(blocks)  # type: ignore[list-item]
@@ -81,8 +87,10 @@ def cached_run(model, batch: Batch, base: Base | None = None) -> Run:
         for i, block in enumerate(blocks)
     ]
     every_prompt = torch.arange(batch.tokens.shape[0])
+    recorder = Recorder(PositionSelection(None, batch, batch.tokens.shape[1]), None, None)
+    actions = model._actions(list(capture), base(0, every_prompt) if base else {}, recorder)
     try:
-        with torch.no_grad(), model.hooks(base(0, every_prompt) if base else {}):
+        with torch.no_grad(), model._attach(actions):
             kwargs = {"use_cache": True} if causal else model._forward_kwargs
             output = model.module(input_ids=batch.tokens, attention_mask=batch.attention_mask, **kwargs)
     finally:
@@ -91,7 +99,7 @@ def cached_run(model, batch: Batch, base: Base | None = None) -> Run:
     keys_values = None
     if causal:
         keys_values = [(layer.keys, layer.values) for layer in _returned_cache(output).layers]
-    return Run(batch, blocks, outputs, output.logits.detach(), keys_values, batch.last_positions, base)
+    return Run(batch, blocks, outputs, output.logits.detach(), keys_values, batch.last_positions, base, recorder.activations)
 
 
 def sweep_cells(
@@ -225,7 +233,15 @@ def run_group(
     interventions = _writes(group, cells, sources, start, device)
     resume = run.block_outputs[group.layer - 1][prompts, start:] if group.layer > 0 else None
     base = run.base(start, prompts) if run.base else {}
-    with torch.no_grad(), model.hooks(base), model.hooks(interventions), _skipping(run.blocks[: group.layer], resume):
+    final = len(run.blocks) - 1
+    trimmed = _per_position_modules(model, final) if last_only and not _touches(final, {**base, **interventions}) else []
+    with (
+        torch.no_grad(),
+        model.hooks(base),
+        model.hooks(interventions),
+        _skipping(run.blocks[: group.layer], resume),
+        _last_position_only(trimmed),
+    ):
         logits = model.module(input_ids=tokens, attention_mask=mask, **kwargs).logits
     if positions == "last":
         logits = logits[:, -1] if last_only else _last_logits(logits, run, start, prompts)
@@ -325,6 +341,51 @@ def _skipping(blocks: Sequence[nn.Module], output: torch.Tensor | None) -> Itera
                 del block.forward
             else:
                 block.forward = forward
+
+
+_TRIMMABLE = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
+"""Families whose final block's attention output projection and MLP are modules that work position by position
+and return a tensor."""
+
+
+def _per_position_modules(model, layer: int) -> list[nn.Module]:
+    """Block `layer`'s attention output projection and MLP, where only the last position's outputs can reach the
+    last position's logits (the final block: nothing after it mixes positions)."""
+    if model.architecture not in _TRIMMABLE:
+        return []
+    z, mlp = model._points[f"blocks.{layer}.attn.hook_z"], model._points[f"blocks.{layer}.hook_mlp_out"]
+    return [z.module, mlp.module] if z.site == "input" and mlp.site == "output" else []
+
+
+def _touches(layer: int, interventions: dict) -> bool:
+    """Whether any of `interventions` writes in block `layer` or after it."""
+    return any(name.startswith(f"blocks.{layer}.") or name.startswith("ln_final") for name in interventions)
+
+
+@contextlib.contextmanager
+def _last_position_only(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """While inside, each of `modules` computes its last position only and outputs zeros at the others: exact for
+    the last position's logits when nothing after the modules reads the other positions (the final block's
+    position-wise modules, with the logits kept for the last position only)."""
+    lengths: dict[nn.Module, int] = {}
+
+    def keep_last(module, args):
+        lengths[module] = args[0].shape[1]
+        return (args[0][:, -1:], *args[1:])
+
+    def pad(module, args, output):
+        padded = output.new_zeros(output.shape[0], lengths[module], *output.shape[2:])
+        padded[:, -1:] = output
+        return padded
+
+    handles = []
+    try:
+        for module in modules:
+            handles += [module.register_forward_pre_hook(keep_last), module.register_forward_hook(pad)]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _main(output) -> torch.Tensor:

@@ -54,10 +54,10 @@ def patch(
     labels = token_strings(model.tokenizer, clean_batch.tokens[0].tolist())
     sweep = plan(model, what, by, labels, layers, heads, positions)
     target_batch, source_batch = (corrupt_batch, clean_batch) if direction == "denoise" else (clean_batch, corrupt_batch)
-    target = cached_run(model, target_batch.to(model.device))
     names = sorted({name for cell in sweep.cells for name, _ in cell.parts})
+    target = cached_run(model, target_batch.to(model.device), capture=names)
     source = model.run(source_batch.tokens, attention_mask=source_batch.attention_mask, capture=names)
-    there = model.run(target_batch.tokens, attention_mask=target_batch.attention_mask, capture=names)
+    there = target.captured
     clean_full = target.logits if direction == "noise" else source.logits
     corrupt_full = source.logits if direction == "noise" else target.logits
     last = target.last
