@@ -37,7 +37,8 @@ Methods (each timed as a whole workflow, from the clean tokens to the table of m
                        per cell with a forward pre-hook replacing position p of block L's input, or head h's slice
                        of ``attn.c_proj``'s input. The reference the other results are compared with.
 * ``neuronmap``        ``nm.patch(nm.load(hf_model), clean, corrupt, nm.patching.logit_diff(...), what=..., by=...)``;
-                       its forwards are the clean run, the corrupted run (twice: cached, and captured) plus ``result.forwards`` stacked groups.
+                       its forwards are the clean run, the corrupted run (cached and captured at once) plus ``result.forwards`` stacked
+                       groups.
 
 Timing: after a warm-up (one cell of each sweep), every round runs all (method, sweep) variants in a rotating order, each preceded by
 three bare forwards of the corrupted batch (``module(tokens, use_cache=False)``); a round's bare-forward time is
@@ -277,7 +278,7 @@ def nm_variant(setup: Setup, sweep: str) -> Callable[[], tuple[torch.Tensor, int
         only = dict(layers=[setup.n_layer - 1], **({"positions": [0]} if sweep == "resid_pre" else {"heads": [0]})) if warm else {}
         result = nm.patch(model, setup.clean, setup.corrupt, metric, what=what, by=by, progress=False, **only)
         forwards = getattr(result, "forwards", None)
-        return result.raw.detach().cpu(), (None if forwards is None else forwards + 3)  # + clean run, corrupted run twice (cached, captured)
+        return result.raw.detach().cpu(), (None if forwards is None else forwards + 2)  # + clean run, corrupted run
 
     return run
 

@@ -4,8 +4,9 @@ The public API is re-exported here; everything else is private to its module. He
 (plotly, scikit-learn, h5py, anywidget) are imported where they are first used, so `import neuronmap` stays light.
 """
 
-from . import patching, zoo
+from . import circuits, patching, zoo
 from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
+from .circuits import CircuitGraph
 from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError, NotCapturedError, WeightError
 from .hooks import HookPoint
 from .model import Model, load
@@ -19,6 +20,7 @@ __all__ = [
     "SCORES",
     "AttentionPatterns",
     "AttentionView",
+    "CircuitGraph",
     "HeadScores",
     "HookNameError",
     "HookPoint",
@@ -33,6 +35,7 @@ __all__ = [
     "WeightError",
     "Weights",
     "attention",
+    "circuits",
     "head_scores",
     "load",
     "patch",

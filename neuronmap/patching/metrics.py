@@ -144,7 +144,7 @@ class CallableMetric(Metric):
                 f"the metric {self.name} must return one value per prompt, a tensor of shape [{n_prompts}], "
                 f"but returned {shape}"
             )
-        return value.detach().float()
+        return value.float()
 
 
 def as_metric(metric: Metric | Callable[[torch.Tensor], torch.Tensor]) -> Metric:

@@ -1,0 +1,227 @@
+"""Edge attribution patching (EAP) and its integrated-gradients form (EAP-IG): a score for every edge of the graph.
+
+The score of an edge (sender u -> receiver v) estimates how much the metric moves when v reads u's clean output
+instead of its corrupted one, to first order: (clean - corrupted output of u) . (gradient of the metric at v's
+input, on the corrupted run). Every edge's score comes from one clean forward and one corrupted forward and
+backward (EAP, Syed et al. 2023); EAP-IG (Hanna et al. 2024) averages the gradients over `steps` runs whose input
+embeddings move from the corrupted prompts' towards the clean ones' (a left Riemann sum, so `steps=1` is EAP).
+
+A receiver's input is a norm of the residual stream followed by its own weights (a head's query, key or value
+projection, the MLP, the unembedding). Its gradient is read where the weights start (`attn.hook_q|k|v`,
+`ln2.hook_normalized`, the final residual stream), mapped back through those weights and the norm's Jacobian
+(`torch.func.vjp` of the model's own norm module), so one backward serves every receiver. Scores are then one
+matrix product per layer of receivers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from ..errors import InputError
+from ..inputs import token_strings
+from ..patching.metrics import Context, Metric, as_metric
+from ..patching.sweep import paired
+from .graph import Graph, graph as make_graph
+from .result import CircuitGraph
+
+PRE_NORM = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
+"""Families whose blocks read the residual stream through a norm before attention and before the MLP (pre-norm),
+so that every receiver's input is a function of the residual stream alone."""
+
+
+def eap(
+    model,
+    clean,
+    corrupt,
+    metric: Metric | Callable[[torch.Tensor], torch.Tensor],
+    *,
+    steps: int = 1,
+    qkv: bool = True,
+    per_position: bool = False,
+) -> CircuitGraph:
+    """Score every edge of `model`'s graph for how much it carries the difference between `clean` and `corrupt`:
+    EAP, or EAP-IG with `steps` > 1 (gradients averaged over input embeddings moving from corrupted to clean).
+
+    `metric` as for `nm.patch` (it must be differentiable); scores are normalised so that 1 is the whole clean -
+    corrupted difference. `qkv`: a head's query, key and value inputs are separate receivers; `per_position`:
+    score each edge at each token position.
+    """
+    from ..model import Model, load
+
+    model = model if isinstance(model, Model) else load(model)
+    check_family(model)
+    clean_batch = model._batch(clean)
+    g = make_graph(model, qkv=qkv, positions=clean_batch.tokens.shape[1] if per_position else None)
+    g, raw, clean_value, corrupt_value = edge_scores(model, clean, corrupt, metric, g, steps=steps)
+    if clean_value == corrupt_value:
+        raise InputError(
+            f"the metric is {clean_value:.6g} on both the clean and the corrupted prompts: there is no difference "
+            "for the edges to carry"
+        )
+    method = "EAP" if steps == 1 else f"EAP-IG ({steps} steps)"
+    labels = token_strings(model.tokenizer, clean_batch.tokens[0].tolist())
+    return CircuitGraph(g, raw.cpu(), clean_value, corrupt_value, method=method, metric=str(as_metric(metric)),
+                        labels=labels)
+
+
+def edge_scores(
+    model,
+    clean,
+    corrupt,
+    metric: Metric | Callable[[torch.Tensor], torch.Tensor],
+    graph: Graph | None = None,
+    *,
+    steps: int = 1,
+) -> tuple[Graph, torch.Tensor, float, float]:
+    """EAP (`steps=1`) or EAP-IG scores `[sender, receiver]` (`[position, sender, receiver]` when `graph` keeps
+    positions) of the raw metric, zero where there is no edge; and the metric's mean on the clean and corrupted
+    prompts."""
+    check_family(model)
+    if not isinstance(steps, int) or steps < 1:
+        raise InputError(f"steps must be a whole number of at least 1, got {steps!r}")
+    graph = graph or make_graph(model)
+    metric = as_metric(metric)
+    clean_batch, corrupt_batch = paired(model, clean, corrupt)
+    if graph.positions is not None and graph.positions != clean_batch.tokens.shape[1]:
+        raise InputError(f"the graph keeps {graph.positions} positions but the prompts have {clean_batch.tokens.shape[1]}")
+    clean_batch, corrupt_batch = clean_batch.to(model.device), corrupt_batch.to(model.device)
+    n_prompts = clean_batch.tokens.shape[0]
+    layers = graph.n_layers
+    senders = ["blocks.0.hook_resid_pre", "hook_embed"]
+    senders += [f"blocks.{layer}.attn.hook_z" for layer in range(layers)]
+    senders += [f"blocks.{layer}.hook_mlp_out" for layer in range(layers)]
+    clean_run = model.run(clean_batch.tokens, attention_mask=clean_batch.attention_mask, capture=senders)
+    prompts = torch.arange(n_prompts, device=model.device)
+    last = clean_batch.last_positions.to(model.device)
+    at = (lambda logits: logits[torch.arange(len(logits), device=logits.device), last.repeat(len(logits) // n_prompts)]) \
+        if metric.positions == "last" else (lambda logits: logits)
+    context = Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits.detach()), model)
+    evaluate = metric.bind(context)
+    clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
+
+    norm_inputs = [f"blocks.{layer}.hook_resid_pre" for layer in range(layers)]
+    norm_inputs += [_ln2_input(model, layer) for layer in range(layers)]
+    reads = [f"blocks.{layer}.attn.hook_{part}" for layer in range(layers) for part in "qkv"]
+    reads += [f"blocks.{layer}.ln2.hook_normalized" for layer in range(layers)]
+    reads.append(f"blocks.{layers - 1}.hook_resid_post")
+    embed_delta = clean_run["hook_embed"] - _corrupt_embed(model, corrupt_batch)
+    alphas = torch.arange(steps, dtype=embed_delta.dtype, device=model.device) / steps
+    rows = prompts.repeat(steps)
+    tokens, mask = corrupt_batch.tokens.repeat(steps, 1), corrupt_batch.attention_mask.repeat(steps, 1)
+
+    def interpolate(embed, hook):
+        return embed + alphas.repeat_interleave(n_prompts)[:, None, None] * embed_delta.repeat(steps, 1, 1)
+
+    with _frozen(model.module):
+        run = model.run(
+            tokens, attention_mask=mask, capture=[*senders, *norm_inputs], capture_grad=reads,
+            interventions={"hook_embed": interpolate} if steps > 1 else None,
+        )
+        value = evaluate(at(run.logits), rows).float()
+        if not value.requires_grad:
+            raise InputError(
+                f"the {metric} does not depend on the logits through autograd, so it has no gradient: use a "
+                "differentiable metric, or exact patching (nm.patch), which needs none"
+            )
+        value.sum().div(n_prompts * steps).backward()
+    corrupt_value = float(value[:n_prompts].detach().mean())
+
+    with torch.no_grad():
+        deltas = _sender_outputs(model, clean_run, graph) - _sender_outputs(model, run, graph, rows=n_prompts)
+        scores = _scores(model, graph, deltas, run, steps)
+    return graph, scores * graph.valid, clean_value, corrupt_value
+
+
+def check_family(model) -> None:
+    """Refuse, before any forward, a model whose family has no pre-norm block layout the graph can be read from."""
+    from ..patching.cells import n_layers
+
+    n_layers(model)
+    if model.architecture not in PRE_NORM:
+        raise InputError(
+            f"circuits need a pre-norm decoder whose receivers read the residual stream through a norm "
+            f"(GPT-2, GPT-NeoX, Llama, Mistral, Qwen2); this model's family is {model.architecture!r}"
+        )
+
+
+def _ln2_input(model, layer: int) -> str:
+    """The hook point whose value the MLP's norm reads: the residual stream after attention, or (attention and
+    MLP in parallel) the block's input."""
+    mid = f"blocks.{layer}.hook_resid_mid"
+    return mid if mid in model._points else f"blocks.{layer}.hook_resid_pre"
+
+
+def _corrupt_embed(model, batch) -> torch.Tensor:
+    return model.run(batch.tokens, attention_mask=batch.attention_mask, capture="hook_embed")["hook_embed"]
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """While inside, no parameter of `module` requires a gradient (a backward computes activations' gradients only)."""
+    changed = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for parameter in changed:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in changed:
+            parameter.requires_grad_(True)
+
+
+def _sender_outputs(model, trace, graph: Graph, rows: int | None = None) -> torch.Tensor:
+    """What each sender writes into the residual stream, `[sender, batch, pos, d_model]` (the first `rows` rows)."""
+    keep = slice(None, rows)
+    outputs = [trace["blocks.0.hook_resid_pre"][keep].detach()]
+    for layer in range(graph.n_layers):
+        z = trace[f"blocks.{layer}.attn.hook_z"][keep].detach()
+        outputs += list(torch.einsum("bphk,hkd->hbpd", z, model.weights.blocks[layer].attn.W_O.to(z.dtype)))
+        outputs.append(trace[f"blocks.{layer}.hook_mlp_out"][keep].detach())
+    return torch.stack(outputs)
+
+
+def _scores(model, graph: Graph, deltas: torch.Tensor, run, steps: int) -> torch.Tensor:
+    """Each receiver's input gradient (summed over the IG steps) against every sender's delta, one layer of
+    receivers at a time."""
+    per_position = graph.positions is not None
+    n_senders, batch, length, width = deltas.shape
+    flat = deltas.permute(2, 0, 1, 3).reshape(length, n_senders, batch * width) if per_position \
+        else deltas.reshape(n_senders, -1)
+    columns = []
+    for layer in range(graph.n_layers + 1):
+        gradients = _receiver_gradients(model, graph, run, layer)  # [receivers, steps * batch, pos, d]
+        gradients = gradients.unflatten(1, (steps, batch)).sum(1)
+        if per_position:
+            columns.append(flat @ gradients.permute(2, 0, 1, 3).reshape(length, -1, batch * width).transpose(1, 2))
+        else:
+            columns.append(flat @ gradients.reshape(len(gradients), -1).T)
+    return torch.cat(columns, dim=-1)
+
+
+def _receiver_gradients(model, graph: Graph, run, layer: int) -> torch.Tensor:
+    """The gradient of the metric at each receiver's input in `layer` (the logits for the last layer + 1), in the
+    order of `graph.receivers`: `[receiver, rows, pos, d_model]`."""
+    if layer == graph.n_layers:
+        return run.grad(f"blocks.{layer - 1}.hook_resid_post")[None]
+    attn = model.weights.blocks[layer].attn
+    q, k, v = (run.grad(f"blocks.{layer}.attn.hook_{part}") for part in "qkv")
+    through_q = torch.einsum("bphk,hdk->hbpd", q, attn.W_Q)
+    through_k = torch.einsum("bphk,hdk->hbpd", k, attn._W_K)
+    through_v = torch.einsum("bphk,hdk->hbpd", v, attn._W_V)
+    if graph.qkv:
+        heads = torch.cat([through_q, through_k, through_v])
+    else:
+        heads = through_q + through_k + through_v
+    ln1 = model._points[f"blocks.{layer}.ln1.hook_normalized"].module
+    ln2 = model._points[f"blocks.{layer}.ln2.hook_normalized"].module
+    heads = _through_norm(ln1, run[f"blocks.{layer}.hook_resid_pre"], heads)
+    mlp = _through_norm(ln2, run[_ln2_input(model, layer)], run.grad(f"blocks.{layer}.ln2.hook_normalized")[None])
+    return torch.cat([heads, mlp])
+
+
+def _through_norm(norm: torch.nn.Module, x: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Gradients at the norm's output `[n, *x.shape]` taken back to its input `x` (the norm's Jacobian, transposed)."""
+    _, pullback = torch.func.vjp(norm, x.detach())
+    return torch.vmap(lambda g: pullback(g)[0])(gradients)
