@@ -1,8 +1,25 @@
-"""Circuits: a model's computational graph (`graph`) and edge attribution patching on it (`eap`: EAP and EAP-IG),
-returning a `CircuitGraph`."""
+"""Circuits: a model's computational graph (`graph`), edge attribution patching on it (`eap`: EAP and EAP-IG)
+returning a `CircuitGraph`, exact edge patching of circuits (`circuit_metrics`), and choosing circuits and
+measuring their faithfulness (`CircuitGraph.select`, `.faithfulness`)."""
 
 from .attribution import eap, edge_scores
+from .discovery import faithfulness, prune, random_circuits, strongest
+from .exact import circuit_metrics
 from .graph import Graph, Node, Receiver, graph
-from .result import CircuitGraph
+from .result import CircuitGraph, FaithfulnessCurve
 
-__all__ = ["CircuitGraph", "Graph", "Node", "Receiver", "eap", "edge_scores", "graph"]
+__all__ = [
+    "CircuitGraph",
+    "FaithfulnessCurve",
+    "Graph",
+    "Node",
+    "Receiver",
+    "circuit_metrics",
+    "eap",
+    "edge_scores",
+    "faithfulness",
+    "graph",
+    "prune",
+    "random_circuits",
+    "strongest",
+]

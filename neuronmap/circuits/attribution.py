@@ -24,13 +24,9 @@ from ..errors import InputError
 from ..inputs import token_strings
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.sweep import paired
+from .components import check_family, ln2_input, sender_outputs
 from .graph import Graph, graph as make_graph
 from .result import CircuitGraph
-
-PRE_NORM = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
-"""Families whose blocks read the residual stream through a norm before attention and before the MLP (pre-norm),
-so that every receiver's input is a function of the residual stream alone."""
-
 
 def eap(
     model,
@@ -64,7 +60,7 @@ def eap(
     method = "EAP" if steps == 1 else f"EAP-IG ({steps} steps)"
     labels = token_strings(model.tokenizer, clean_batch.tokens[0].tolist())
     return CircuitGraph(g, raw.cpu(), clean_value, corrupt_value, method=method, metric=str(as_metric(metric)),
-                        labels=labels)
+                        labels=labels, source=(model, clean, corrupt, metric))
 
 
 def edge_scores(
@@ -103,7 +99,7 @@ def edge_scores(
     clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
 
     norm_inputs = [f"blocks.{layer}.hook_resid_pre" for layer in range(layers)]
-    norm_inputs += [_ln2_input(model, layer) for layer in range(layers)]
+    norm_inputs += [ln2_input(model, layer) for layer in range(layers)]
     reads = [f"blocks.{layer}.attn.hook_{part}" for layer in range(layers) for part in "qkv"]
     reads += [f"blocks.{layer}.ln2.hook_normalized" for layer in range(layers)]
     reads.append(f"blocks.{layers - 1}.hook_resid_post")
@@ -130,28 +126,9 @@ def edge_scores(
     corrupt_value = float(value[:n_prompts].detach().mean())
 
     with torch.no_grad():
-        deltas = _sender_outputs(model, clean_run, graph) - _sender_outputs(model, run, graph, rows=n_prompts)
+        deltas = sender_outputs(model, clean_run, graph) - sender_outputs(model, run, graph, rows=n_prompts)
         scores = _scores(model, graph, deltas, run, steps)
     return graph, scores * graph.valid, clean_value, corrupt_value
-
-
-def check_family(model) -> None:
-    """Refuse, before any forward, a model whose family has no pre-norm block layout the graph can be read from."""
-    from ..patching.cells import n_layers
-
-    n_layers(model)
-    if model.architecture not in PRE_NORM:
-        raise InputError(
-            f"circuits need a pre-norm decoder whose receivers read the residual stream through a norm "
-            f"(GPT-2, GPT-NeoX, Llama, Mistral, Qwen2); this model's family is {model.architecture!r}"
-        )
-
-
-def _ln2_input(model, layer: int) -> str:
-    """The hook point whose value the MLP's norm reads: the residual stream after attention, or (attention and
-    MLP in parallel) the block's input."""
-    mid = f"blocks.{layer}.hook_resid_mid"
-    return mid if mid in model._points else f"blocks.{layer}.hook_resid_pre"
 
 
 def _corrupt_embed(model, batch) -> torch.Tensor:
@@ -169,17 +146,6 @@ def _frozen(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for parameter in changed:
             parameter.requires_grad_(True)
-
-
-def _sender_outputs(model, trace, graph: Graph, rows: int | None = None) -> torch.Tensor:
-    """What each sender writes into the residual stream, `[sender, batch, pos, d_model]` (the first `rows` rows)."""
-    keep = slice(None, rows)
-    outputs = [trace["blocks.0.hook_resid_pre"][keep].detach()]
-    for layer in range(graph.n_layers):
-        z = trace[f"blocks.{layer}.attn.hook_z"][keep].detach()
-        outputs += list(torch.einsum("bphk,hkd->hbpd", z, model.weights.blocks[layer].attn.W_O.to(z.dtype)))
-        outputs.append(trace[f"blocks.{layer}.hook_mlp_out"][keep].detach())
-    return torch.stack(outputs)
 
 
 def _scores(model, graph: Graph, deltas: torch.Tensor, run, steps: int) -> torch.Tensor:
@@ -217,7 +183,7 @@ def _receiver_gradients(model, graph: Graph, run, layer: int) -> torch.Tensor:
     ln1 = model._points[f"blocks.{layer}.ln1.hook_normalized"].module
     ln2 = model._points[f"blocks.{layer}.ln2.hook_normalized"].module
     heads = _through_norm(ln1, run[f"blocks.{layer}.hook_resid_pre"], heads)
-    mlp = _through_norm(ln2, run[_ln2_input(model, layer)], run.grad(f"blocks.{layer}.ln2.hook_normalized")[None])
+    mlp = _through_norm(ln2, run[ln2_input(model, layer)], run.grad(f"blocks.{layer}.ln2.hook_normalized")[None])
     return torch.cat([heads, mlp])
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.sweep import paired
-from .attribution import _ln2_input, _sender_outputs, check_family
+from .components import check_family, ln2_input, sender_outputs
 from .graph import Graph
 
 MEMORY_BUDGET = 1 << 30
@@ -53,7 +53,7 @@ def circuit_metrics(
     prompts = torch.arange(n_prompts, device=model.device)
     clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
     corrupt_value = float(evaluate(at(corrupted.logits), prompts).float().mean())
-    senders_corrupt = _sender_outputs(model, corrupted, graph)
+    senders_corrupt = sender_outputs(model, corrupted, graph)
     per_circuit = len(graph.senders) * n_prompts * length * senders_corrupt.shape[-1] * senders_corrupt.element_size() * 3
     chunk = max(1, memory_budget // max(per_circuit, 1))
     values = []
@@ -107,9 +107,9 @@ class _Patched:
             for part in "qkv":
                 result[f"blocks.{layer}.attn.hook_{part}"] = self._head_input(layer, part)
             result[f"blocks.{layer}.attn.hook_z"] = self._heads_written(layer)
-            ln2_input = _ln2_input(model, layer)
-            if ln2_input.endswith("hook_resid_mid"):
-                result[ln2_input] = self._stack(None, f"mid{layer}")
+            mlp_reads = ln2_input(model, layer)
+            if mlp_reads.endswith("hook_resid_mid"):
+                result[mlp_reads] = self._stack(None, f"mid{layer}")
             result[f"blocks.{layer}.ln2.hook_normalized"] = self._mlp_input(layer)
             result[f"blocks.{layer}.hook_mlp_out"] = self._mlp_written(layer)
         result[f"blocks.{g.n_layers - 1}.hook_resid_post"] = self._logits_input
@@ -179,7 +179,7 @@ class _Patched:
     def _mlp_input(self, layer: int):
         receiver = layer * self.receivers_per_layer + self.receivers_per_layer - 1
         norm = self.model._points[f"blocks.{layer}.ln2.hook_normalized"].module
-        key = f"mid{layer}" if _ln2_input(self.model, layer).endswith("hook_resid_mid") else f"pre{layer}"
+        key = f"mid{layer}" if ln2_input(self.model, layer).endswith("hook_resid_mid") else f"pre{layer}"
 
         def write(current, hook):
             cut = self.cut_any[:, receiver]

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
-from ..display import Renders, html_table
+from ..display import Renders, escape, html_table
+from ..errors import InputError
+from .discovery import faithfulness, prune, random_circuits, strongest
+from .exact import MEMORY_BUDGET
 from .graph import Graph
 
 SCHEMA = "neuronmap.circuit_graph/1"
@@ -17,13 +24,60 @@ class CircuitGraph(Renders):
     all the way to the clean one scores 1; `.raw` keeps the metric's own units. Zero where there is no edge.
     """
 
+    circuit: torch.Tensor | None = None
+    """The chosen circuit (a mask over the edges) once `select` has chosen one."""
+    curve: FaithfulnessCurve | None = None
+    """The faithfulness of circuits of growing size, once `faithfulness` has measured it."""
+
     def __init__(self, graph: Graph, raw: torch.Tensor, clean: float, corrupt: float, *, method: str, metric: str,
-                 labels: list[str] | None = None):
+                 labels: list[str] | None = None, source: tuple | None = None):
         self.graph, self.raw = graph, raw
         self.clean, self.corrupt = clean, corrupt
         self.method, self.metric = method, metric
         self.labels = labels
         self.scores = raw / (clean - corrupt)
+        self._source = source  # (model, clean, corrupt, metric): what exact patching reruns
+
+    def select(self, *, k: int | None = None, threshold: float | None = None, pruned: bool = True) -> CircuitGraph:
+        """This graph with `.circuit` set to the `k` strongest edges (or those with |score| >= `threshold`), without
+        the edges on no path from the embeddings to the logits unless `pruned=False`; its faithfulness is measured
+        by exact patching (`.circuit_faithfulness`)."""
+        self._merged_positions("select a circuit")
+        mask = strongest(self.graph, self.scores, k=k, threshold=threshold)
+        chosen = copy.copy(self)
+        chosen.circuit = prune(self.graph, mask) if pruned else mask
+        if not chosen.circuit.any():
+            raise InputError("the chosen edges are on no path from the embeddings to the logits: choose more of them")
+        chosen.circuit_faithfulness = float(self._faithfulness(chosen.circuit[None])[0])
+        return chosen
+
+    def faithfulness(self, sizes: Sequence[int] | None = None, *, baseline: bool = True, seed: int = 0,
+                     memory_budget: int = MEMORY_BUDGET) -> FaithfulnessCurve:
+        """The faithfulness of the circuits of the `sizes` strongest edges (default: 1, 3, 10, 30, ... up to every
+        edge), each measured by exact patching, with a circuit of random edges of each size as a baseline (`seed`).
+        All circuits share stacked forwards. Kept as `.curve` for the view."""
+        self._merged_positions("measure faithfulness")
+        n_edges = self.graph.n_edges
+        sizes = sorted({min(int(size), n_edges) for size in (sizes or _default_sizes(n_edges))})
+        if not sizes or sizes[0] < 1:
+            raise InputError(f"circuit sizes must be numbers of edges of at least 1, got {sizes}")
+        masks = [strongest(self.graph, self.scores, k=size) for size in sizes]
+        if baseline:
+            masks += list(random_circuits(self.graph, sizes, seed))
+        values = self._faithfulness(torch.stack(masks), memory_budget=memory_budget)
+        random = values[len(sizes):].tolist() if baseline else None
+        self.curve = FaithfulnessCurve(sizes, values[: len(sizes)].tolist(), random, self.method, self.graph.model_name)
+        return self.curve
+
+    def _faithfulness(self, masks: torch.Tensor, memory_budget: int = MEMORY_BUDGET) -> torch.Tensor:
+        if self._source is None:
+            raise InputError("this graph was not scored here (read from JSON): exact patching needs the model and prompts")
+        model, clean, corrupt, metric = self._source
+        return faithfulness(model, clean, corrupt, metric, self.graph, masks, memory_budget=memory_budget)
+
+    def _merged_positions(self, what: str) -> None:
+        if self.graph.positions is not None:
+            raise InputError(f"to {what}, score the edges with positions merged (per_position=False)")
 
     def __repr__(self) -> str:
         return (
@@ -67,8 +121,6 @@ class CircuitGraph(Renders):
         """A `CircuitGraph` from `to_json`'s text."""
         data = json.loads(text)
         if data.get("schema") != SCHEMA:
-            from ..errors import InputError
-
             raise InputError(f"not a NeuronMap circuit graph (schema {data.get('schema')!r}, expected {SCHEMA!r})")
         shape = data["graph"]
         graph = Graph(shape["n_layers"], shape["n_heads"], n_kv_heads=shape["n_kv_heads"], qkv=shape["qkv"],
@@ -84,3 +136,42 @@ class CircuitGraph(Renders):
         rows = [(name, f"{score:+.3f}") for name, score in self.top(20)]
         caption = f"{self.method} · {self.metric} · {self.graph.model_name}: the 20 strongest of {self.graph.n_edges:,} edges"
         return html_table(caption, ["edge", "score (1 = clean − corrupted)"], rows, numeric=[1])
+
+
+class FaithfulnessCurve(Renders):
+    """The faithfulness (0 = corrupted run, 1 = clean run) of the circuits of the `sizes` strongest edges, and of
+    random circuits of the same sizes (`random`, when measured)."""
+
+    def __init__(self, sizes: list[int], values: list[float], random: list[float] | None, method: str, model_name: str):
+        self.sizes, self.values, self.random = sizes, values, random
+        self.method, self.model_name = method, model_name
+
+    def __repr__(self) -> str:
+        points = ", ".join(f"{size}: {value:.2f}" for size, value in zip(self.sizes, self.values))
+        return f"FaithfulnessCurve({self.method} on {self.model_name!r}, edges -> faithfulness {{{points}}})"
+
+    def _repr_html_(self) -> str:
+        random = self.random or [float("nan")] * len(self.sizes)
+        rows = [(size, f"{value:.3f}", f"{baseline:.3f}") for size, value, baseline in zip(self.sizes, self.values, random)]
+        caption = f"faithfulness of the strongest edges by {self.method} · {self.model_name}"
+        return html_table(caption, ["edges", "faithfulness", "random edges"], rows, numeric=[0, 1, 2])
+
+    def figure(self) -> Any:
+        """A plotly line chart of faithfulness against circuit size (log scale), the random baseline dashed."""
+        import plotly.graph_objects as go
+
+        figure = go.Figure(go.Scatter(x=self.sizes, y=self.values, mode="lines+markers", name=f"strongest ({self.method})"))
+        if self.random is not None:
+            figure.add_trace(go.Scatter(x=self.sizes, y=self.random, mode="lines+markers", name="random edges",
+                                        line={"dash": "dash"}))
+        figure.update_layout(title=escape(f"faithfulness · {self.model_name}"), xaxis={"type": "log", "title": "edges"},
+                             yaxis={"title": "faithfulness (0 = corrupted, 1 = clean)"})
+        return figure
+
+
+def _default_sizes(n_edges: int) -> list[int]:
+    sizes, size = [], 1
+    while size < n_edges:
+        sizes += [size, 3 * size]
+        size *= 10
+    return [*[s for s in sizes if s < n_edges], n_edges]

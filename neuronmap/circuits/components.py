@@ -1,0 +1,42 @@
+"""What the graph's senders write into the residual stream and where its receivers read it, on the HF modules."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from .graph import Graph
+
+PRE_NORM = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
+"""Families whose blocks read the residual stream through a norm before attention and before the MLP (pre-norm),
+so that every receiver's input is a function of the residual stream alone."""
+
+
+def check_family(model) -> None:
+    """Refuse, before any forward, a model whose family has no pre-norm block layout the graph can be read from."""
+    from ..patching.cells import n_layers
+
+    n_layers(model)
+    if model.architecture not in PRE_NORM:
+        raise InputError(
+            f"circuits need a pre-norm decoder whose receivers read the residual stream through a norm "
+            f"(GPT-2, GPT-NeoX, Llama, Mistral, Qwen2); this model's family is {model.architecture!r}"
+        )
+
+
+def ln2_input(model, layer: int) -> str:
+    """The hook point whose value the MLP's norm reads: the residual stream after attention, or (attention and
+    MLP in parallel) the block's input."""
+    mid = f"blocks.{layer}.hook_resid_mid"
+    return mid if mid in model._points else f"blocks.{layer}.hook_resid_pre"
+
+
+def sender_outputs(model, trace, graph: Graph, rows: int | None = None) -> torch.Tensor:
+    """What each sender writes into the residual stream, `[sender, batch, pos, d_model]` (the first `rows` rows)."""
+    keep = slice(None, rows)
+    outputs = [trace["blocks.0.hook_resid_pre"][keep].detach()]
+    for layer in range(graph.n_layers):
+        z = trace[f"blocks.{layer}.attn.hook_z"][keep].detach()
+        outputs += list(torch.einsum("bphk,hkd->hbpd", z, model.weights.blocks[layer].attn.W_O.to(z.dtype)))
+        outputs.append(trace[f"blocks.{layer}.hook_mlp_out"][keep].detach())
+    return torch.stack(outputs)
