@@ -152,8 +152,8 @@ class Recorder:
         kept = self._keep(point, grad.detach())
         self.gradients[point.name] = kept
         captured = self.activations.get(point.name)
-        if captured is not None:
-            captured.grad = kept
+        if captured is not None and not (captured.is_leaf and captured.requires_grad):
+            captured.grad = kept  # (a leaf, when nothing upstream needs a gradient, gets its .grad from autograd itself)
 
     def _keep(self, point: HookPoint, tensor: torch.Tensor) -> torch.Tensor:
         kept = self.selection.apply(tensor, point.pos_dim)

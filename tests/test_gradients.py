@@ -187,6 +187,10 @@ def test_frozen_weights_still_give_gradients_at_hook_points():
     trace = nm.load(hf).run(tokens(), capture_grad=name)
     metric(trace.logits).backward()
     assert torch.equal(trace.grad(name), reference)
+    # captured too: the capture is then the leaf autograd fills, and its gradient must not be counted twice
+    trace = nm.load(hf).run(tokens(), capture=name, capture_grad=name)
+    metric(trace.logits).backward()
+    assert torch.equal(trace.grad(name), reference) and torch.equal(trace[name].grad, reference)
 
 
 def test_asking_for_a_gradient_that_was_not_recorded_says_what_to_do():

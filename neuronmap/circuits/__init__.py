@@ -1,7 +1,9 @@
-"""Circuits: a model's computational graph (`graph`), edge attribution patching on it (`eap`: EAP and EAP-IG)
+"""Circuits: attribution patching of a sweep's cells (`atp`, with `recheck` of its strongest cells exactly), a
+model's computational graph (`graph`), edge attribution patching on it (`eap`: EAP and EAP-IG)
 returning a `CircuitGraph`, exact edge patching of circuits (`circuit_metrics`), and choosing circuits and
 measuring their faithfulness (`CircuitGraph.select`, `.faithfulness`)."""
 
+from .atp import atp, recheck
 from .attribution import eap, edge_scores
 from .discovery import faithfulness, prune, random_circuits, strongest
 from .exact import circuit_metrics
@@ -14,6 +16,7 @@ __all__ = [
     "Graph",
     "Node",
     "Receiver",
+    "atp",
     "circuit_metrics",
     "eap",
     "edge_scores",
@@ -21,5 +24,6 @@ __all__ = [
     "graph",
     "prune",
     "random_circuits",
+    "recheck",
     "strongest",
 ]

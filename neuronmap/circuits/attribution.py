@@ -15,8 +15,7 @@ matrix product per layer of receivers.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +23,7 @@ from ..errors import InputError
 from ..inputs import token_strings
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.sweep import paired
-from .components import check_family, ln2_input, sender_outputs
+from .components import check_family, frozen, ln2_input, sender_outputs
 from .graph import Graph, graph as make_graph
 from .result import CircuitGraph
 
@@ -111,7 +110,7 @@ def edge_scores(
     def interpolate(embed, hook):
         return embed + alphas.repeat_interleave(n_prompts)[:, None, None] * embed_delta.repeat(steps, 1, 1)
 
-    with _frozen(model.module):
+    with frozen(model.module):
         run = model.run(
             tokens, attention_mask=mask, capture=[*senders, *norm_inputs], capture_grad=reads,
             interventions={"hook_embed": interpolate} if steps > 1 else None,
@@ -133,19 +132,6 @@ def edge_scores(
 
 def _corrupt_embed(model, batch) -> torch.Tensor:
     return model.run(batch.tokens, attention_mask=batch.attention_mask, capture="hook_embed")["hook_embed"]
-
-
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module) -> Iterator[None]:
-    """While inside, no parameter of `module` requires a gradient (a backward computes activations' gradients only)."""
-    changed = [p for p in module.parameters() if p.requires_grad]
-    try:
-        for parameter in changed:
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for parameter in changed:
-            parameter.requires_grad_(True)
 
 
 def _scores(model, graph: Graph, deltas: torch.Tensor, run, steps: int) -> torch.Tensor:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from ..errors import InputError
@@ -40,3 +43,16 @@ def sender_outputs(model, trace, graph: Graph, rows: int | None = None) -> torch
         outputs += list(torch.einsum("bphk,hkd->hbpd", z, model.weights.blocks[layer].attn.W_O.to(z.dtype)))
         outputs.append(trace[f"blocks.{layer}.hook_mlp_out"][keep].detach())
     return torch.stack(outputs)
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """While inside, no parameter of `module` requires a gradient (a backward computes activations' gradients only)."""
+    changed = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for parameter in changed:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter in changed:
+            parameter.requires_grad_(True)

@@ -11,6 +11,7 @@ import torch
 
 from ..display import Renders, escape, html_table
 from ..errors import InputError
+from ..graphview import Edge, Node as ViewNode, graph_html
 from .discovery import faithfulness, prune, random_circuits, strongest
 from .exact import MEMORY_BUDGET
 from .graph import Graph
@@ -26,6 +27,8 @@ class CircuitGraph(Renders):
 
     circuit: torch.Tensor | None = None
     """The chosen circuit (a mask over the edges) once `select` has chosen one."""
+    circuit_faithfulness: float | None = None
+    """The chosen circuit's faithfulness (0 = corrupted run, 1 = clean run), measured by exact patching."""
     curve: FaithfulnessCurve | None = None
     """The faithfulness of circuits of growing size, once `faithfulness` has measured it."""
 
@@ -133,9 +136,24 @@ class CircuitGraph(Renders):
                    labels=data["labels"])
 
     def _repr_html_(self) -> str:
-        rows = [(name, f"{score:+.3f}") for name, score in self.top(20)]
-        caption = f"{self.method} · {self.metric} · {self.graph.model_name}: the 20 strongest of {self.graph.n_edges:,} edges"
-        return html_table(caption, ["edge", "score (1 = clean − corrupted)"], rows, numeric=[1])
+        g = self.graph
+        scores = self.scores.sum(0) if g.positions is not None else self.scores
+        shown = self.circuit if self.circuit is not None else g.valid
+        edges = [
+            Edge(g.senders[s].name, _target(g, g.receivers[r]), float(scores[s, r]), g.receivers[r].input,
+                 f"{g.senders[s].name} → {g.receivers[r].name}: {float(scores[s, r]):+.4g}")
+            for s, r in shown.nonzero().tolist()
+        ]
+        notes = ["edge scores: 1 = the whole clean − corrupted difference of the " + self.metric]
+        if g.positions is not None:
+            notes.append(f"summed over the {g.positions} positions")
+        description = f"{self.method} · {self.metric} · clean {self.clean:.4g}, corrupted {self.corrupt:.4g}"
+        if self.circuit is not None:
+            description += f" · circuit of {int(self.circuit.sum())} edges, faithfulness {self.circuit_faithfulness:.3f}"
+        return graph_html(
+            _view_nodes(g), edges, title=f"circuit graph · {g.model_name}", row_labels=_row_labels(g),
+            description=description, note="; ".join(notes), extra=self.curve._repr_html_() if self.curve else "",
+        )
 
 
 class FaithfulnessCurve(Renders):
@@ -167,6 +185,30 @@ class FaithfulnessCurve(Renders):
         figure.update_layout(title=escape(f"faithfulness · {self.model_name}"), xaxis={"type": "log", "title": "edges"},
                              yaxis={"title": "faithfulness (0 = corrupted, 1 = clean)"})
         return figure
+
+
+def _view_nodes(g: Graph) -> list[ViewNode]:
+    """The graph's nodes in rows: embeddings at the bottom, then each layer's heads and its MLP, the logits on top."""
+    middle = (g.n_heads - 1) / 2
+    nodes = [ViewNode("embed", "embed", 0, middle, "the token (and position) embeddings")]
+    for layer in range(g.n_layers):
+        nodes += [ViewNode(f"A{layer}.{h}", f"{layer}.{h}", 2 * layer + 1, h, f"head {layer}.{h}") for h in range(g.n_heads)]
+        nodes.append(ViewNode(f"MLP {layer}", f"MLP {layer}", 2 * layer + 2, middle, f"the MLP of layer {layer}"))
+    nodes.append(ViewNode("logits", "logits", 2 * g.n_layers + 1, middle, "the logits (through the final norm)"))
+    return nodes
+
+
+def _row_labels(g: Graph) -> list[str]:
+    return ["embeddings", *[name for layer in range(g.n_layers) for name in (f"heads {layer}", f"MLP {layer}")], "logits"]
+
+
+def _target(g: Graph, receiver) -> str:
+    """The view node a receiver's edges end at: its own, or under grouped-query attention (a key/value head) the
+    first query head of its group."""
+    node = receiver.node
+    if node.kind == "head" and receiver.input in ("k", "v") and g.n_kv_heads != g.n_heads:
+        return f"A{node.layer}.{node.head * (g.n_heads // g.n_kv_heads)}"
+    return node.name
 
 
 def _default_sizes(n_edges: int) -> list[int]:

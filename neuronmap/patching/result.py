@@ -85,8 +85,10 @@ class PatchingResult(GridResult):
         direction: str,
         model_name: str,
         forwards: int,
+        method: str = "",
     ):
         shape = [len(labels) for _, labels in plan.axes]
+        self.method = method  # how the values were obtained, when not by patching each cell (e.g. "AtP estimate")
         self.what, self.by, self.metric, self.direction = plan.what, plan.by, metric, direction
         self.model_name, self.forwards = model_name, forwards
         self.axes = [name for name, _ in plan.axes]
@@ -99,7 +101,8 @@ class PatchingResult(GridResult):
     def __repr__(self) -> str:
         shape = " × ".join(str(len(labels)) for labels in self.labels)
         return (
-            f"PatchingResult({self.what} by {' × '.join(self.axes)} [{shape}], {self.metric} ({self.direction}) on "
+            f"PatchingResult({self.method + ' of ' if self.method else ''}{self.what} by {' × '.join(self.axes)} [{shape}], "
+            f"{self.metric} ({self.direction}) on "
             f"{self.model_name!r}: clean {self.clean:.4g}, corrupted {self.corrupt:.4g}, {self.forwards} forwards)"
         )
 
@@ -107,7 +110,8 @@ class PatchingResult(GridResult):
     def description(self) -> str:
         """What was patched, by what, in which direction: the view's heading."""
         into = "clean into corrupted" if self.direction == "denoise" else "corrupted into clean"
-        return f"{self.what} by {BY.get(self.by, self.by)} · {self.metric} · {into} · {self.model_name}"
+        method = f"{self.method} · " if self.method else ""
+        return f"{method}{self.what} by {BY.get(self.by, self.by)} · {self.metric} · {into} · {self.model_name}"
 
     def _effect(self) -> torch.Tensor:
         return (self.values if self.direction == "denoise" else 1 - self.values).abs()

@@ -43,6 +43,28 @@ def patch(
     restrict the sweep. Each forward stacks as many cells as `memory_budget` bytes allow; sweeps of many forwards
     show a progress bar (`progress=False` hides it).
     """
+    return sweep(model, clean, corrupt, metric, what, by, direction=direction, layers=layers, heads=heads,
+                 positions=positions, memory_budget=memory_budget, progress=progress)
+
+
+def sweep(
+    model,
+    clean: Inputs,
+    corrupt: Inputs,
+    metric: Metric | Callable[[torch.Tensor], torch.Tensor],
+    what: str,
+    by: str | None,
+    *,
+    direction: str = "denoise",
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    memory_budget: int = MEMORY_BUDGET,
+    progress: bool | None = None,
+    only: Sequence[int] | None = None,
+) -> PatchingResult:
+    """`patch`, computing only the cells whose indices (in the sweep's order) are in `only` when given (the others
+    are NaN): what re-checking an estimate's strongest cells needs."""
     from ..model import Model, load
 
     model = model if isinstance(model, Model) else load(model)
@@ -52,9 +74,9 @@ def patch(
     n_layers(model)  # refuses, before any forward, a model without block hook points
     clean_batch, corrupt_batch = paired(model, clean, corrupt)
     labels = token_strings(model.tokenizer, clean_batch.tokens[0].tolist())
-    sweep = plan(model, what, by, labels, layers, heads, positions)
+    cells = plan(model, what, by, labels, layers, heads, positions)
     target_batch, source_batch = (corrupt_batch, clean_batch) if direction == "denoise" else (clean_batch, corrupt_batch)
-    names = sorted({name for cell in sweep.cells for name, _ in cell.parts})
+    names = sorted({name for cell in cells.cells for name, _ in cell.parts})
     target = cached_run(model, target_batch.to(model.device), capture=names)
     source = model.run(source_batch.tokens, attention_mask=source_batch.attention_mask, capture=names)
     there = target.captured
@@ -72,13 +94,17 @@ def patch(
             f"the {metric} is {clean_value.mean().item():.6g} on both the clean and the corrupted prompts: "
             "there is no difference for patching to explain"
         )
-    sources = [tuple(source[name][index] for name, index in cell.parts) for cell in sweep.cells]
-    targets = [tuple(there[name][index] for name, index in cell.parts) for cell in sweep.cells]
-    raw, forwards = sweep_cells(
-        model, sweep.cells, target, sources, targets, evaluate, metric.positions, row_wise=metric.row_wise,
+    chosen = list(range(len(cells.cells))) if only is None else list(only)
+    patched = [cells.cells[i] for i in chosen]
+    sources = [tuple(source[name][index] for name, index in cell.parts) for cell in patched]
+    targets = [tuple(there[name][index] for name, index in cell.parts) for cell in patched]
+    computed, forwards = sweep_cells(
+        model, patched, target, sources, targets, evaluate, metric.positions, row_wise=metric.row_wise,
         memory_budget=memory_budget, progress=progress, description=f"patching {what}",
     )
-    return PatchingResult(sweep, raw, clean_value.cpu(), corrupt_value.cpu(), metric, direction, model.name, forwards)
+    raw = torch.full((len(cells.cells), computed.shape[1]), float("nan"))
+    raw[chosen] = computed
+    return PatchingResult(cells, raw, clean_value.cpu(), corrupt_value.cpu(), metric, direction, model.name, forwards)
 
 
 def paired(model, clean: Inputs, corrupt: Inputs) -> tuple[Batch, Batch]:
