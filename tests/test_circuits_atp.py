@@ -8,20 +8,10 @@ import torch
 
 import neuronmap as nm
 from neuronmap.circuits import atp, recheck
-from conftest import make_model, output_projection, tokens
+from conftest import make_model, output_projection
+from test_circuits_attribution import _inputs, _metric
 
 FAMILIES = ["gpt2", "gpt_neox", "llama"]
-
-
-def _metric(logits):
-    return logits[:, -1, 5] - logits[:, -1, 7]
-
-
-def _inputs():
-    clean = tokens(3, 7, seed=2)
-    corrupt = clean.clone()
-    corrupt[:, 2] = tokens(3, 1, seed=3)[:, 0]
-    return clean, corrupt
 
 
 def _blocks(hf, family):
