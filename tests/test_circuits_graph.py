@@ -116,3 +116,20 @@ def test_bad_input_is_a_clear_error_and_leaves_no_hook():
     with pytest.raises(nm.InputError, match="not a sender"):
         graph(model).sender("A9.9")
 
+
+
+def test_networkx_holds_every_edge_with_its_score_and_the_figure_is_the_faithfulness_curve():
+    model = nm.load(make_model("gpt2"))
+    result = eap(model, *_pair(), _answers)
+    chosen = result.select(k=5, pruned=False)
+    exported = chosen.to_networkx()
+    g = result.graph
+    assert exported.number_of_edges() == g.n_edges and exported.number_of_nodes() == len(g.nodes)
+    for name, score in result.top(5):
+        sender, receiver = name.split("->")
+        node, port = receiver.rsplit(".", 1) if receiver.count(".") == 2 else (receiver, "in")  # "A1.2.k", "MLP 1"
+        data = exported.get_edge_data(sender, node, key=port)
+        assert data["score"] == pytest.approx(score) and data["in_circuit"]
+    assert sum(d["in_circuit"] for *_, d in exported.edges(data=True)) == 5
+    figure = result.figure()
+    assert result.curve is not None and list(figure.data[0].y) == result.curve.values

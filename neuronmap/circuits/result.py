@@ -72,6 +72,31 @@ class CircuitGraph(Renders):
         self.curve = FaithfulnessCurve(sizes, values[: len(sizes)].tolist(), random, self.method, self.graph.model_name)
         return self.curve
 
+    def figure(self) -> Any:
+        """The faithfulness curve as a plotly figure (measured with the default sizes first, if not yet)."""
+        return (self.curve or self.faithfulness()).figure()
+
+    def to_networkx(self) -> Any:
+        """The graph as a `networkx.MultiDiGraph` (networkx must be installed): nodes named as in `top` with `kind`,
+        `layer` and `head`; an edge per sender and receiver input (its key: "q", "k", "v" or "in") with `score`,
+        `raw` (summed over positions when kept) and `in_circuit`."""
+        try:
+            import networkx
+        except ImportError as error:
+            raise InputError("to_networkx needs networkx (pip install networkx)") from error
+        g = self.graph
+        scores, raw = (self.scores.sum(0), self.raw.sum(0)) if g.positions is not None else (self.scores, self.raw)
+        result = networkx.MultiDiGraph(model=g.model_name, method=self.method, metric=self.metric)
+        for node in g.nodes:
+            result.add_node(node.name, kind=node.kind, layer=node.layer, head=node.head)
+        for s, r in g.valid.nonzero().tolist():
+            receiver = g.receivers[r]
+            result.add_edge(
+                g.senders[s].name, _target(g, receiver), key=receiver.input or "in", score=float(scores[s, r]),
+                raw=float(raw[s, r]), in_circuit=bool(self.circuit[s, r]) if self.circuit is not None else None,
+            )
+        return result
+
     def _faithfulness(self, masks: torch.Tensor, memory_budget: int = MEMORY_BUDGET) -> torch.Tensor:
         if self._source is None:
             raise InputError("this graph was not scored here (read from JSON): exact patching needs the model and prompts")
