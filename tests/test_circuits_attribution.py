@@ -187,3 +187,13 @@ def test_per_position_scores_sum_to_the_merged_ones():
     g, per_position, *_ = edge_scores(model, clean, corrupt, _metric, graph(model, positions=clean.shape[1]))
     assert per_position.shape == (clean.shape[1], *merged.shape)
     assert torch.allclose(per_position.sum(0), merged, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_a_last_position_metric_gives_the_same_scores_with_the_last_logits_only(steps):
+    """A metric of the last position lets the runs compute the last position's logits only: same scores."""
+    model = nm.load(make_model("llama"))
+    clean, corrupt = _inputs()
+    _, full, clean_value, corrupt_value = edge_scores(model, clean, corrupt, _metric, steps=steps)
+    _, trimmed, *values = edge_scores(model, clean, corrupt, nm.patching.logit_diff(CORRECT, WRONG), steps=steps)
+    assert torch.allclose(trimmed, full, atol=1e-5) and values == pytest.approx([clean_value, corrupt_value], abs=1e-5)

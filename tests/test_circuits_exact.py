@@ -140,3 +140,13 @@ def test_circuits_in_small_memory_budgets_give_the_same_values():
     together, *_ = circuit_metrics(model, clean, corrupt, _metric, g, masks)
     one_by_one, *_ = circuit_metrics(model, clean, corrupt, _metric, g, masks, memory_budget=1)
     assert torch.allclose(together, one_by_one, atol=1e-5)
+
+
+def test_a_last_position_metric_gives_the_same_circuit_values_with_the_last_logits_only():
+    model = nm.load(make_model("gpt_neox"))
+    clean, corrupt = _inputs()
+    g = graph(model)
+    masks = torch.rand(3, *g.valid.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    full, *full_values = circuit_metrics(model, clean, corrupt, _metric, g, masks)
+    trimmed, *trimmed_values = circuit_metrics(model, clean, corrupt, nm.patching.logit_diff(5, 7), g, masks)
+    assert torch.allclose(trimmed, full, atol=1e-5) and trimmed_values == pytest.approx(full_values, abs=1e-5)

@@ -20,10 +20,10 @@ from collections.abc import Callable
 import torch
 
 from ..errors import InputError
-from ..inputs import token_strings
+from ..inputs import Batch, token_strings
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.sweep import paired
-from .components import check_family, frozen, ln2_input, sender_outputs
+from .components import check_family, frozen, last_only, ln2_input, sender_outputs, traced_run
 from .graph import Graph, graph as make_graph
 from .result import CircuitGraph
 
@@ -88,11 +88,17 @@ def edge_scores(
     senders = ["blocks.0.hook_resid_pre", "hook_embed"]
     senders += [f"blocks.{layer}.attn.hook_z" for layer in range(layers)]
     senders += [f"blocks.{layer}.hook_mlp_out" for layer in range(layers)]
-    clean_run = model.run(clean_batch.tokens, attention_mask=clean_batch.attention_mask, capture=senders)
+    trim = last_only(model, metric, clean_batch)
+    with torch.no_grad():
+        clean_run = traced_run(model, clean_batch, capture=senders, last=trim)
     prompts = torch.arange(n_prompts, device=model.device)
     last = clean_batch.last_positions.to(model.device)
-    at = (lambda logits: logits[torch.arange(len(logits), device=logits.device), last.repeat(len(logits) // n_prompts)]) \
-        if metric.positions == "last" else (lambda logits: logits)
+    if trim:
+        at = lambda logits: logits[:, -1]  # noqa: E731 - the logits of the last position only were computed
+    elif metric.positions == "last":
+        at = lambda logits: logits[torch.arange(len(logits), device=logits.device), last.repeat(len(logits) // n_prompts)]  # noqa: E731
+    else:
+        at = lambda logits: logits  # noqa: E731
     context = Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits.detach()), model)
     evaluate = metric.bind(context)
     clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
@@ -102,19 +108,17 @@ def edge_scores(
     reads = [f"blocks.{layer}.attn.hook_{part}" for layer in range(layers) for part in "qkv"]
     reads += [f"blocks.{layer}.ln2.hook_normalized" for layer in range(layers)]
     reads.append(f"blocks.{layers - 1}.hook_resid_post")
-    embed_delta = clean_run["hook_embed"] - _corrupt_embed(model, corrupt_batch)
-    alphas = torch.arange(steps, dtype=embed_delta.dtype, device=model.device) / steps
     rows = prompts.repeat(steps)
-    tokens, mask = corrupt_batch.tokens.repeat(steps, 1), corrupt_batch.attention_mask.repeat(steps, 1)
-
-    def interpolate(embed, hook):
-        return embed + alphas.repeat_interleave(n_prompts)[:, None, None] * embed_delta.repeat(steps, 1, 1)
-
+    stacked = Batch(corrupt_batch.tokens.repeat(steps, 1), corrupt_batch.attention_mask.repeat(steps, 1))
+    interventions = None
+    if steps > 1:  # each step's input embeddings moved a fraction of the way from the corrupted to the clean ones
+        with torch.no_grad():
+            embed_delta = clean_run["hook_embed"] - model._points["hook_embed"].module(corrupt_batch.tokens)
+        alphas = (torch.arange(steps, dtype=embed_delta.dtype, device=model.device) / steps).repeat_interleave(n_prompts)
+        interventions = {"hook_embed": lambda embed, hook: embed + alphas[:, None, None] * embed_delta.repeat(steps, 1, 1)}
     with frozen(model.module):
-        run = model.run(
-            tokens, attention_mask=mask, capture=[*senders, *norm_inputs], capture_grad=reads,
-            interventions={"hook_embed": interpolate} if steps > 1 else None,
-        )
+        run = traced_run(model, stacked, capture=[*senders, *norm_inputs], capture_grad=reads,
+                         interventions=interventions, last=trim)
         value = evaluate(at(run.logits), rows).float()
         if not value.requires_grad:
             raise InputError(
@@ -128,10 +132,6 @@ def edge_scores(
         deltas = sender_outputs(model, clean_run, graph) - sender_outputs(model, run, graph, rows=n_prompts)
         scores = _scores(model, graph, deltas, run, steps)
     return graph, scores * graph.valid, clean_value, corrupt_value
-
-
-def _corrupt_embed(model, batch) -> torch.Tensor:
-    return model.run(batch.tokens, attention_mask=batch.attention_mask, capture="hook_embed")["hook_embed"]
 
 
 def _scores(model, graph: Graph, deltas: torch.Tensor, run, steps: int) -> torch.Tensor:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import inspect
+
 import torch
 
+from ..capture import PositionSelection, Recorder
 from ..errors import InputError
+from ..inputs import Batch
+from ..trace import Trace
 from .graph import Graph
 
 PRE_NORM = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"}
@@ -56,3 +61,28 @@ def frozen(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for parameter in changed:
             parameter.requires_grad_(True)
+
+
+def last_only(model, metric, batch: Batch) -> bool:
+    """Whether runs for `metric` on `batch` need the logits of the last position only: the metric reads each
+    prompt's last position, which is the last one of the batch (no right padding), and the forward can be told."""
+    length = batch.tokens.shape[1]
+    return (
+        metric.positions == "last"
+        and bool((batch.last_positions == length - 1).all())
+        and "logits_to_keep" in inspect.signature(model.module.forward).parameters
+    )
+
+
+def traced_run(model, batch: Batch, *, capture=(), capture_grad=(), interventions=None, last: bool = False) -> Trace:
+    """`model.run` on a batch already on the model's device; with `last`, the logits of the last position only (HF's
+    `logits_to_keep`): the unembedding of every position is a large share of a small model's forward, and its
+    backward more."""
+    grad_names = frozenset(model.resolve(list(capture_grad))) if capture_grad else frozenset()
+    recorder = Recorder(PositionSelection(None, batch, batch.tokens.shape[1]), None, None, keep_graph=bool(grad_names),
+                        grad_names=grad_names)
+    actions = model._actions(model.resolve(list(capture)) if capture else [], interventions or {}, recorder)
+    kwargs = {**model._forward_kwargs, **({"logits_to_keep": 1} if last else {})}
+    with model._attach(actions), torch.set_grad_enabled(bool(grad_names)):
+        output = model.module(input_ids=batch.tokens, attention_mask=batch.attention_mask, **kwargs)
+    return Trace(output, batch, recorder, model.tokenizer, model.name, model.hook_names)

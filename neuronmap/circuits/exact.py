@@ -17,7 +17,7 @@ import torch
 
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.sweep import paired
-from .components import check_family, ln2_input, sender_outputs
+from .components import check_family, last_only, ln2_input, sender_outputs, traced_run
 from .graph import Graph
 
 MEMORY_BUDGET = 1 << 30
@@ -44,11 +44,12 @@ def circuit_metrics(
     layers = graph.n_layers
     circuits = circuits.to(torch.bool) & graph.valid
     names = _captured(model, layers)
+    trim = last_only(model, metric, clean_batch)
     with torch.no_grad():
-        corrupted = model.run(corrupt_batch.tokens, attention_mask=corrupt_batch.attention_mask, capture=names)
-        clean_run = model.run(clean_batch.tokens, attention_mask=clean_batch.attention_mask)
+        corrupted = traced_run(model, corrupt_batch, capture=names, last=trim)
+        clean_run = traced_run(model, clean_batch, last=trim)
     last = clean_batch.last_positions.to(model.device)
-    at = _reader(metric, last, n_prompts)
+    at = (lambda logits: logits[:, -1]) if trim else _reader(metric, last, n_prompts)
     evaluate = metric.bind(Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits), model))
     prompts = torch.arange(n_prompts, device=model.device)
     clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
@@ -65,6 +66,7 @@ def circuit_metrics(
                 input_ids=clean_batch.tokens.repeat(len(masks), 1),
                 attention_mask=clean_batch.attention_mask.repeat(len(masks), 1),
                 **model._forward_kwargs,
+                **({"logits_to_keep": 1} if trim else {}),
             ).logits
         values.append(evaluate(at(logits), prompts.repeat(len(masks))).float().reshape(len(masks), n_prompts))
     return torch.cat(values).cpu(), clean_value, corrupt_value
