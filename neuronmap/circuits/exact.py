@@ -97,7 +97,9 @@ class _Patched:
         self.kept_any = masks.any(1).repeat_interleave(n_prompts, dim=0)  # [row, receiver]
         self.cut_any = self.cut.bool().any(1)
         self.senders_corrupt = senders_corrupt.repeat(1, self.n_circuits, 1, 1)  # [sender, row, pos, d]
-        self.differences: list[torch.Tensor] = []  # current - corrupted output of each sender so far
+        # current - corrupted output of each sender, filled in as the forward reaches it (`read` of them so far)
+        self.differences = torch.empty_like(self.senders_corrupt)
+        self.read = 0
         self.inputs: dict[str, torch.Tensor] = {}
         self.receivers_per_layer = (len(graph.receivers) - 1) // graph.n_layers
 
@@ -123,7 +125,8 @@ class _Patched:
         return value.repeat(self.n_circuits, *([1] * (value.dim() - 1)))
 
     def _embed(self, x, hook):
-        self.differences.append(x - self.senders_corrupt[0])
+        torch.sub(x, self.senders_corrupt[0], out=self.differences[0])
+        self.read = 1
         self.inputs["pre0"] = x
 
     def _stack(self, first, key: str):
@@ -138,7 +141,7 @@ class _Patched:
         """Each receiver's input `[receiver, row, pos, d]`: the current residual stream `x` minus the differences of
         the senders whose edges to it are cut (the callers give a receiver with every edge cut the corrupted run's
         own value instead, so that it is bit-identical)."""
-        differences = torch.stack(self.differences)  # [sender so far, row, pos, d]
+        differences = self.differences[: self.read]  # [sender so far, row, pos, d]
         cut = self.cut[:, : len(differences), receivers.start : receivers.stop]  # [row, sender, receiver]
         return x - torch.einsum("snpd,nsr->rnpd", differences, cut)
 
@@ -174,7 +177,9 @@ class _Patched:
 
         def read(z, hook):
             results = torch.einsum("nphk,hkd->hnpd", z, W_O.to(z))
-            self.differences.extend(results - self.senders_corrupt[first : first + self.graph.n_heads])
+            last = first + self.graph.n_heads
+            torch.sub(results, self.senders_corrupt[first:last], out=self.differences[first:last])
+            self.read = last
 
         return read
 
@@ -198,7 +203,8 @@ class _Patched:
         index = (layer + 1) * (self.graph.n_heads + 1)
 
         def read(out, hook):
-            self.differences.append(out - self.senders_corrupt[index])
+            torch.sub(out, self.senders_corrupt[index], out=self.differences[index])
+            self.read = index + 1
 
         return read
 
