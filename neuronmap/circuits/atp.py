@@ -19,7 +19,7 @@ from ..patching.cells import n_layers, plan
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.result import PatchingResult
 from ..patching.sweep import paired, sweep
-from .components import frozen
+from .components import frozen, logits_reader
 
 
 def atp(
@@ -50,7 +50,7 @@ def atp(
     n_prompts = clean_batch.tokens.shape[0]
     prompts = torch.arange(n_prompts, device=model.device)
     last = clean_batch.last_positions.to(model.device)
-    at = (lambda logits: logits[prompts, last]) if metric.positions == "last" else (lambda logits: logits)
+    at = logits_reader(metric, last, n_prompts)
     evaluate = metric.bind(Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits), model))
     with frozen(model.module):
         corrupted = model.run(corrupt_batch.tokens, attention_mask=corrupt_batch.attention_mask, capture=names, capture_grad=names)

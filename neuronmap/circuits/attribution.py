@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..inputs import Batch, token_strings
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.sweep import paired
-from .components import check_family, frozen, last_only, ln2_input, sender_outputs, traced_run
+from .components import check_family, frozen, last_only, ln2_input, logits_reader, sender_outputs, traced_run
 from .graph import Graph, graph as make_graph
 from .result import CircuitGraph
 
@@ -93,12 +93,7 @@ def edge_scores(
         clean_run = traced_run(model, clean_batch, capture=senders, last=trim)
     prompts = torch.arange(n_prompts, device=model.device)
     last = clean_batch.last_positions.to(model.device)
-    if trim:
-        at = lambda logits: logits[:, -1]  # noqa: E731 - the logits of the last position only were computed
-    elif metric.positions == "last":
-        at = lambda logits: logits[torch.arange(len(logits), device=logits.device), last.repeat(len(logits) // n_prompts)]  # noqa: E731
-    else:
-        at = lambda logits: logits  # noqa: E731
+    at = logits_reader(metric, last, n_prompts, trim)
     context = Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits.detach()), model)
     evaluate = metric.bind(context)
     clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())

@@ -86,3 +86,13 @@ def traced_run(model, batch: Batch, *, capture=(), capture_grad=(), intervention
     with model._attach(actions), torch.set_grad_enabled(bool(grad_names)):
         output = model.module(input_ids=batch.tokens, attention_mask=batch.attention_mask, **kwargs)
     return Trace(output, batch, recorder, model.tokenizer, model.name, model.hook_names)
+
+
+def logits_reader(metric, last: torch.Tensor, n_prompts: int, trimmed: bool = False):
+    """What `metric` reads from a run's logits: each row's last real position (`last` per prompt; rows are whole
+    runs of the prompts, stacked), the only position computed when `trimmed`, or every position."""
+    if trimmed:
+        return lambda logits: logits[:, -1]
+    if metric.positions != "last":
+        return lambda logits: logits
+    return lambda logits: logits[torch.arange(len(logits), device=logits.device), last.repeat(len(logits) // n_prompts)]

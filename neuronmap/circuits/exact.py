@@ -17,7 +17,7 @@ import torch
 
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.sweep import paired
-from .components import check_family, last_only, ln2_input, sender_outputs, traced_run
+from .components import check_family, last_only, ln2_input, logits_reader, sender_outputs, traced_run
 from .graph import Graph
 
 MEMORY_BUDGET = 1 << 30
@@ -49,7 +49,7 @@ def circuit_metrics(
         corrupted = traced_run(model, corrupt_batch, capture=names, last=trim)
         clean_run = traced_run(model, clean_batch, last=trim)
     last = clean_batch.last_positions.to(model.device)
-    at = (lambda logits: logits[:, -1]) if trim else _reader(metric, last, n_prompts)
+    at = logits_reader(metric, last, n_prompts, trim)
     evaluate = metric.bind(Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits), model))
     prompts = torch.arange(n_prompts, device=model.device)
     clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
@@ -78,12 +78,6 @@ def _captured(model, layers: int) -> list[str]:
         names += [f"blocks.{layer}.attn.hook_{part}" for part in ("q", "k", "v", "z")]
         names += [f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.ln2.hook_normalized"]
     return names
-
-
-def _reader(metric: Metric, last: torch.Tensor, n_prompts: int):
-    if metric.positions != "last":
-        return lambda logits: logits
-    return lambda logits: logits[torch.arange(len(logits), device=logits.device), last.repeat(len(logits) // n_prompts)]
 
 
 class _Patched:
