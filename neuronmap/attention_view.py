@@ -125,7 +125,14 @@ def _chosen(values: Sequence[int], resolve: Callable[[int], int], what: str) -> 
 
 
 def static_html(patterns: AttentionPatterns, choice: ViewChoice) -> str:
-    """The self-contained static view: `choice`'s prompts and layers within its budget (see `ViewChoice`).
+    """The self-contained static view: `choice`'s prompts and layers within its budget (see `ViewChoice`)."""
+    data, notes = static_data(patterns, choice)
+    return static_page("attention", data, _fallback(patterns, _prompt_tokens(patterns, choice.prompt), notes))
+
+
+def static_data(patterns: AttentionPatterns, choice: ViewChoice) -> tuple[dict, list[str]]:
+    """What the front end's static model is built from (`staticModel(data)` in `widgets/attention.js`), and the
+    notes it shows: `choice`'s prompts and layers within its budget.
 
     Tokens are cut to the first `n` of each prompt only when what must be embedded (the chosen layers, or
     else the opened one) does not fit at full length; the note says so and which argument shows more.
@@ -149,7 +156,20 @@ def static_html(patterns: AttentionPatterns, choice: ViewChoice) -> str:
         "details": fit.details,
         "note": " · ".join(notes),
     }
-    return static_page("attention", data, _fallback(patterns, _prompt_tokens(patterns, choice.prompt), notes))
+    return data, notes
+
+
+def prompt_state(patterns: AttentionPatterns, prompt: int) -> dict:
+    """A live view's fields for `prompt`: its tokens, every layer's thumbnails and the note."""
+    tokens = _prompt_tokens(patterns, prompt)
+    thumbs, size = thumbnails(patterns, prompt, patterns.layers)
+    note = f"{patterns.model_name} · {len(patterns.layers)} layers × {patterns.n_heads} heads · {len(tokens)} tokens"
+    return {"tokens": tokens, "n_total": len(tokens), "thumbs": thumbs, "thumb_size": size, "note": note}
+
+
+def detail_state(patterns: AttentionPatterns, layer: int, prompt: int) -> dict:
+    """A live view's fields for one layer of one prompt: its full patterns, deflated, and their key."""
+    return {"detail": pack(quantise(layer_block(patterns, layer, prompt))), "detail_key": f"{layer}:{prompt}"}
 
 
 @dataclass
@@ -319,29 +339,18 @@ def _widget_class():
                 heads=choice.heads,
                 prompts=list(range(patterns.n_prompts)),
                 prompt=choice.prompt,
-                **self._prompt_state(choice.prompt),
-                **self._detail_state(choice.layer, choice.prompt),
+                **prompt_state(patterns, choice.prompt),
+                **detail_state(patterns, choice.layer, choice.prompt),
             )
             self.observe(self._on_layer, names="layer")
             self.observe(self._on_prompt, names="prompt")
-
-        def _prompt_state(self, prompt: int) -> dict:
-            patterns = self._patterns
-            tokens = _prompt_tokens(patterns, prompt)
-            thumbs, size = thumbnails(patterns, prompt, patterns.layers)
-            note = f"{patterns.model_name} · {len(patterns.layers)} layers × {patterns.n_heads} heads · {len(tokens)} tokens"
-            return {"tokens": tokens, "n_total": len(tokens), "thumbs": thumbs, "thumb_size": size, "note": note}
-
-        def _detail_state(self, layer: int, prompt: int) -> dict:
-            block = layer_block(self._patterns, layer, prompt)
-            return {"detail": pack(quantise(block)), "detail_key": f"{layer}:{prompt}"}
 
         def _on_layer(self, change) -> None:
             if change["new"] not in self._patterns.layers:
                 self.layer = change["old"]
                 return
             with self.hold_sync():
-                for key, value in self._detail_state(self.layer, self.prompt).items():
+                for key, value in detail_state(self._patterns, self.layer, self.prompt).items():
                     setattr(self, key, value)
 
         def _on_prompt(self, change) -> None:
@@ -349,7 +358,8 @@ def _widget_class():
                 self.prompt = change["old"]
                 return
             with self.hold_sync():
-                for key, value in {**self._prompt_state(self.prompt), **self._detail_state(self.layer, self.prompt)}.items():
+                state = {**prompt_state(self._patterns, self.prompt), **detail_state(self._patterns, self.layer, self.prompt)}
+                for key, value in state.items():
                     setattr(self, key, value)
 
     return AttentionWidget

@@ -35,13 +35,15 @@ _CSS = """
 
 @dataclass(frozen=True)
 class Node:
-    """A node of the view: `id` (what edges name), the `label` printed on it, its `row` and its `column`."""
+    """A node of the view: `id` (what edges name), the `label` printed on it, its `row` and its `column`; `head`, the
+    (layer, head) whose attention pattern the interactive view opens when the node is clicked."""
 
     id: str
     label: str
     row: int
     column: float
     title: str = ""
+    head: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,37 @@ FORCE_ENV = "NEURONMAP_WIDGETS"
 
 
 def front_end(name: str) -> tuple[str, str]:
-    """The ES module and CSS of one shipped front end, e.g. `front_end("attention")`."""
+    """The ES module and CSS of one shipped front end, e.g. `front_end("attention")`, with the front ends it uses.
+
+    A front end that opens another's view inside its own (the graph view shows a head's attention pattern in the
+    attention viewer) names it in `USES`; that module comes first, in a scope of its own, as `<name>View` with its
+    `render` and `staticModel`.
+    """
+    scripts, styles = [], []
+    for used in USES.get(name, ()):
+        script, css = _files(used)
+        scripts.append(
+            f"const {used}View = (() => {{\n{_module_body(script, used)}\nreturn {{ render, staticModel }};\n}})();"
+        )
+        styles.append(css)
+    script, css = _files(name)
+    return "\n".join([*scripts, script]), "\n".join([*styles, css])
+
+
+USES = {"graph": ("attention",)}
+"""The front ends each front end bundles in front of itself."""
+
+
+def _files(name: str) -> tuple[str, str]:
     return (WIDGETS_DIR / f"{name}.js").read_text(encoding="utf-8"), (WIDGETS_DIR / f"{name}.css").read_text(encoding="utf-8")
+
+
+def _module_body(script: str, name: str) -> str:
+    """The module without its closing `export default { render };`, which every front end ends with."""
+    body = script.replace(_EXPORT, "")
+    if body == script:
+        raise AssertionError(f"widgets/{name}.js must end its module with {_EXPORT!r}")
+    return body
 
 
 def interactive_front_end() -> bool:
@@ -66,9 +95,7 @@ def static_page(name: str, data: dict[str, Any], fallback_html: str) -> str:
     payload = json.dumps(data, separators=(",", ":"))
     # JSON inside <script> must not be able to close the tag or open a comment
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    module_body = script.replace(_EXPORT, "")
-    if module_body == script:
-        raise AssertionError(f"widgets/{name}.js must end its module with {_EXPORT!r}")
+    module_body = _module_body(script, name)
     # A classic script in a function scope: it can find its own element (modules have no currentScript), runs
     # once per output, and several outputs on one page do not share names.
     boot = (

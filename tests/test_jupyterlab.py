@@ -30,10 +30,18 @@ CELLS = [
     "patterns = nm.attention(model, [' '.join(words * 6), ' '.join(words[:5])])\npatterns",
 ]
 LONG_PROMPT_TOKENS = 61  # a start token and 60 words: wider than any notebook cell on one line
+CIRCUIT_CELLS = [
+    "import torch\nimport neuronmap as nm\nmodel = nm.zoo.load('induction-2l')",
+    "first, other = torch.randint(10, 500, (2, 4, 8), generator=torch.Generator().manual_seed(0))\n"
+    "bos = torch.full((4, 1), 2)\n"
+    "clean, corrupt = torch.cat([bos, first, first], 1), torch.cat([bos, other, first], 1)\n"
+    "metric = lambda logits: logits.log_softmax(-1)[:, 9:-1].gather(-1, clean[:, 10:, None]).mean((1, 2))\n"
+    "nm.circuits.eap(model, clean, corrupt, metric)",
+]
 
 
-def notebook(path: Path) -> Path:
-    cells = [nbformat.v4.new_code_cell(source) for source in CELLS]
+def notebook(path: Path, sources: list[str] = CELLS) -> Path:
+    cells = [nbformat.v4.new_code_cell(source) for source in sources]
     nbformat.write(nbformat.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), path)
     return path
 
@@ -94,6 +102,7 @@ def jupyterlab(request, tmp_path):
     port, token = free_port(), secrets.token_hex(16)
     (tmp_path / "notebooks").mkdir()
     notebook(tmp_path / "notebooks" / "attention.ipynb")
+    notebook(tmp_path / "notebooks" / "circuit.ipynb", CIRCUIT_CELLS)
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [
@@ -117,6 +126,7 @@ def jupyterlab(request, tmp_path):
     try:
         yield {
             "url": f"{base}/{route}/attention.ipynb?token={token}", "api": (base, token), "server": server,
+            "circuit_url": f"{base}/{route}/circuit.ipynb?token={token}",
             "kernels": kernels, "name": f"{front_end}-{theme}", "theme": theme,
         }
     finally:
@@ -206,6 +216,38 @@ def test_attention_widget_in_jupyterlab(page, jupyterlab):
     view.locator(".nm-token[data-index='3']").hover()
     assert view.locator(".nm-token[data-weight]").count() == 6
     assert page.external_requests == []
+
+
+@pytest.mark.parametrize("jupyterlab", [("jupyterlab", "light")], ids="-".join, indirect=True)
+def test_circuit_graph_widget_in_jupyterlab_refilters_and_opens_a_heads_attention(page, jupyterlab):
+    """The live graph: edges arrive as binary, the threshold re-filters them in the browser, and clicking a head
+    asks the kernel for the attention patterns, which open in the attention viewer inside the graph."""
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.goto(jupyterlab["circuit_url"])
+    page.wait_for_selector(".jp-NotebookPanel", timeout=60_000)
+    wait_for_idle_kernel(page, jupyterlab["api"])
+    page.click("text=Run", timeout=10_000)
+    page.click('[data-command="runmenu:run-all"]')
+    view = page.locator(".jp-OutputArea-output .nm-graphview[data-ready]").first
+    view.wait_for(timeout=120_000)
+    jupyterlab["kernels"].update(children(jupyterlab["server"].pid))
+    assert view.evaluate("el => el.closest('.nm-root') === null")  # the live widget, not the static page
+    assert view.locator("path.nm-edge").count() == 100
+    view.locator(".nm-threshold").fill("0.05")
+    drawn = view.locator("path.nm-edge").count()
+    assert 0 < drawn < 100 and view.get_attribute("data-drawn") == str(drawn)
+    view.locator('.nm-node[data-id="A1.2"]').click()
+    panel = view.locator(".nm-attn-panel .nm-attn[data-ready='1:0']")
+    panel.wait_for(timeout=60_000)  # computed in the kernel on this first click, sent as binary
+    assert panel.locator(".nm-head.nm-selected").get_attribute("data-head") == "2"
+    assert panel.locator(".nm-token").count() == 17
+    view.locator('.nm-node[data-id="A0.1"]').click()  # another layer: the attention widget sends it on demand
+    view.locator(".nm-attn-panel .nm-attn[data-ready='0:0']").wait_for(timeout=30_000)
+    assert "attention of head 0.1" in view.locator(".nm-attn-heading").inner_text()
+    assert page.external_requests == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    view.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "jupyterlab-circuit-graph-widget.png"))
 
 
 def test_papermill_and_nbconvert_export_shows_the_static_view(page, tmp_path):

@@ -11,7 +11,9 @@ import torch
 
 from ..display import Renders, escape, html_table
 from ..errors import InputError
-from ..graphview import Edge, Node as ViewNode, graph_html
+from ..graph_widget import ATTENTION_BUDGET, GraphView
+from ..graphview import Edge, Node as ViewNode
+from ..inputs import Batch
 from .discovery import faithfulness, prune, random_circuits, strongest
 from .exact import MEMORY_BUDGET
 from .graph import Graph
@@ -31,6 +33,7 @@ class CircuitGraph(Renders):
     """The chosen circuit's faithfulness (0 = corrupted run, 1 = clean run), measured by exact patching."""
     curve: FaithfulnessCurve | None = None
     """The faithfulness of circuits of growing size, once `faithfulness` has measured it."""
+    _attention = None  # the clean prompts' attention patterns, once a view has needed them
 
     def __init__(self, graph: Graph, raw: torch.Tensor, clean: float, corrupt: float, *, method: str, metric: str,
                  labels: list[str] | None = None, source: tuple | None = None):
@@ -160,7 +163,40 @@ class CircuitGraph(Renders):
         return cls(graph, raw, data["clean"], data["corrupt"], method=data["method"], metric=data["metric"],
                    labels=data["labels"])
 
+    def view(self, *, patterns: Any = "auto", budget: int = ATTENTION_BUDGET) -> GraphView:
+        """The interactive graph: a top-k slider and a threshold re-filter the edges, scroll zooms, dragging pans,
+        hovering tells scores, clicking a node highlights its inputs and outputs, and clicking a head opens its
+        attention pattern on the clean prompts. Static HTML everywhere (embedding the first prompt's patterns
+        within `budget` characters), a live widget in a kernel (patterns sent when a head is first clicked).
+
+        `patterns`: the `AttentionPatterns` heads open; "auto" computes them from the model and clean prompts this
+        graph was scored on (none for a graph read from JSON); None shows none.
+        """
+        if isinstance(patterns, str) and patterns == "auto":
+            return GraphView(self._view_parts(), pattern_source=self._clean_patterns if self._source else None,
+                             budget=budget)
+        return GraphView(self._view_parts(), patterns=patterns, budget=budget)
+
+    def _clean_patterns(self):
+        """The attention patterns of the clean prompts this graph was scored on (computed once)."""
+        if self._attention is None:
+            from ..attention import attention
+
+            model, clean = self._source[0], self._source[1]
+            if isinstance(clean, Batch):
+                self._attention = attention(model, clean.tokens, attention_mask=clean.attention_mask)
+            else:
+                self._attention = attention(model, clean)
+        return self._attention
+
     def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        return self.view()._repr_mimebundle_()
+
+    def _view_parts(self) -> dict[str, Any]:
+        """The layered graph's nodes and edges (the circuit's, once chosen) and its texts, for `graph_html`."""
         g = self.graph
         scores = self.scores.sum(0) if g.positions is not None else self.scores
         shown = self.circuit if self.circuit is not None else g.valid
@@ -175,8 +211,8 @@ class CircuitGraph(Renders):
         description = f"{self.method} · {self.metric} · clean {self.clean:.4g}, corrupted {self.corrupt:.4g}"
         if self.circuit is not None:
             description += f" · circuit of {int(self.circuit.sum())} edges, faithfulness {self.circuit_faithfulness:.3f}"
-        return graph_html(
-            _view_nodes(g), edges, title=f"circuit graph · {g.model_name}", row_labels=_row_labels(g),
+        return dict(
+            nodes=_view_nodes(g), edges=edges, title=f"circuit graph · {g.model_name}", row_labels=_row_labels(g),
             description=description, note="; ".join(notes), extra=self.curve._repr_html_() if self.curve else "",
         )
 
@@ -217,7 +253,10 @@ def _view_nodes(g: Graph) -> list[ViewNode]:
     middle = (g.n_heads - 1) / 2
     nodes = [ViewNode("embed", "embed", 0, middle, "the token (and position) embeddings")]
     for layer in range(g.n_layers):
-        nodes += [ViewNode(f"A{layer}.{h}", f"{layer}.{h}", 2 * layer + 1, h, f"head {layer}.{h}") for h in range(g.n_heads)]
+        nodes += [
+            ViewNode(f"A{layer}.{h}", f"{layer}.{h}", 2 * layer + 1, h, f"head {layer}.{h}", head=(layer, h))
+            for h in range(g.n_heads)
+        ]
         nodes.append(ViewNode(f"MLP {layer}", f"MLP {layer}", 2 * layer + 2, middle, f"the MLP of layer {layer}"))
     nodes.append(ViewNode("logits", "logits", 2 * g.n_layers + 1, middle, "the logits (through the final norm)"))
     return nodes

@@ -24,7 +24,8 @@ from typing import Any
 
 from ..display import Renders
 from ..errors import InputError
-from ..graphview import MAX_EDGES, Edge, Node as ViewNode, graph_html
+from ..graph_widget import GraphView
+from ..graphview import MAX_EDGES, Edge, Node as ViewNode
 
 EMBEDDING, LOGIT = "embedding", "logit"
 _LABEL_CHARS = 7
@@ -144,8 +145,17 @@ class AttributionGraph(Renders):
             f"{len(self.nodes)} nodes ({counts}), {len(self.links):,} links, {len(self.prompt_tokens)} prompt tokens)"
         )
 
+    def view(self) -> GraphView:
+        """The interactive graph (static HTML everywhere, a live widget in a kernel): a top-k slider and a
+        threshold re-filter the links in the browser, scroll zooms, dragging pans, hovering tells weights, and
+        clicking a node highlights its inputs and outputs. It needs no network, unlike circuit-tracer's own page."""
+        return GraphView(self._view_parts())
+
     def _repr_html_(self) -> str:
-        return graph_html(**self._view_parts())
+        return self.view()._repr_html_()
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
+        return self.view()._repr_mimebundle_()
 
     def _view_parts(self) -> dict[str, Any]:
         """The keyword arguments of `graph_html` for this graph (nodes, edges, title, row_labels, description, note):
