@@ -11,7 +11,8 @@ import torch
 import neuronmap as nm
 from neuronmap.graph_widget import STATIC_EDGES, GraphView, graph_data
 from neuronmap.graphview import Edge, Node
-from test_browser_attention import ARTIFACTS
+import wcag
+from test_browser_attention import ARTIFACTS, text_contrasts
 from test_circuits_discovery import _induction
 
 HOSTILE = '<img src=x onerror="window.pwned=1">'
@@ -156,6 +157,9 @@ def test_in_chromium_the_controls_refilter_and_clicking_a_head_opens_its_attenti
     page.mouse.move(box["x"] + box["width"] - 110, box["y"] + 60, steps=5)
     page.mouse.up()
     assert view.locator("g.nm-view").get_attribute("transform") != transform  # panned
+    for selector in (".nm-graph-title", ".nm-graph-desc", ".nm-bar label", ".nm-count", ".nm-info", ".nm-graph-note"):
+        for ratio, item in text_contrasts(view.locator(selector)):
+            assert ratio >= wcag.AA, (selector, ratio, item)
     assert page.errors == [] and page.external_requests == []
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "circuit_graph_interactive.png"), full_page=True)
