@@ -8,6 +8,7 @@ on); it keeps fewer tokens, saying so and which argument shows more, when what w
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -304,6 +305,7 @@ def _prompt_tokens(patterns: AttentionPatterns, prompt: int) -> list[str]:
     return list(patterns.str_tokens[prompt])
 
 
+@functools.cache
 def _widget_class():
     import anywidget
     import traitlets
@@ -365,13 +367,8 @@ def _widget_class():
     return AttentionWidget
 
 
-_classes: dict[str, type] = {}
-
-
 def __getattr__(name: str):
     """`AttentionWidget` is built on first use, so importing this module does not import anywidget."""
     if name == "AttentionWidget":
-        if name not in _classes:
-            _classes[name] = _widget_class()
-        return _classes[name]
+        return _widget_class()
     raise AttributeError(name)

@@ -11,6 +11,7 @@ the layered-graph SVG shows instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,7 +69,7 @@ class GraphView(Renders):
 
     def widget(self):
         """The live view (an anywidget)."""
-        return _graph_widget()(self)
+        return _widget_class()(self)
 
 
 def graph_data(parts: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
@@ -115,6 +116,7 @@ def _static_attention(patterns: Any, heads: list[tuple[int, int]], budget: int) 
     return data
 
 
+@functools.cache
 def _widget_class():
     import anywidget
     import traitlets
@@ -168,17 +170,8 @@ def _widget_class():
     return GraphWidget
 
 
-_classes: dict[str, type] = {}
-
-
-def _graph_widget() -> type:
-    if "GraphWidget" not in _classes:
-        _classes["GraphWidget"] = _widget_class()
-    return _classes["GraphWidget"]
-
-
 def __getattr__(name: str):
     """`GraphWidget` is built on first use, so importing this module does not import anywidget."""
     if name == "GraphWidget":
-        return _graph_widget()
+        return _widget_class()
     raise AttributeError(name)
