@@ -54,7 +54,7 @@ class GraphView(Renders):
         return f"GraphView({self.parts['title']!r}, {len(self.parts['nodes'])} nodes, {len(self.parts['edges']):,} edges)"
 
     def _repr_html_(self) -> str:
-        data = graph_data(self.parts, limit=STATIC_EDGES)
+        data = graph_data(self.parts, limit=STATIC_EDGES, digits=4)
         for key in ("edge_values", "edge_ends", "edge_ports"):
             data[key] = b64(data[key])
         heads = [node.head for node in self.parts["nodes"] if node.head is not None]
@@ -72,9 +72,13 @@ class GraphView(Renders):
         return _widget_class()(self)
 
 
-def graph_data(parts: dict[str, Any], limit: int | None = None) -> dict[str, Any]:
+def graph_data(parts: dict[str, Any], limit: int | None = None, digits: int | None = None) -> dict[str, Any]:
     """The front end's fields for `parts`: nodes as dicts, the edges (strongest |value| first, at most `limit`) as
-    float32 values, int32 (source, target) node indices and uint8 ports."""
+    float32 values, int32 (source, target) node indices and uint8 ports.
+
+    `digits` rounds the values to that many significant digits, as many as the page shows: a static page stored
+    in a notebook then stays the same when the last bits of a score change (another CPU, another library version).
+    """
     nodes: Sequence[Node] = parts["nodes"]
     index = {node.id: i for i, node in enumerate(nodes)}
     edges: list[Edge] = sorted(
@@ -97,12 +101,16 @@ def graph_data(parts: dict[str, Any], limit: int | None = None) -> dict[str, Any
              "head": list(n.head) if n.head is not None else None}
             for n in nodes
         ],
-        "edge_values": np.array([e.value for e in kept], dtype="<f4").tobytes(),
+        "edge_values": np.array([_rounded(e.value, digits) for e in kept], dtype="<f4").tobytes(),
         "edge_ends": np.array([(index[e.source], index[e.target]) for e in kept], dtype="<i4").reshape(-1, 2).tobytes(),
         "edge_ports": np.array([_PORTS[e.port] for e in kept], dtype=np.uint8).tobytes(),
         "k": min(len(kept), SHOWN_EDGES),
         "colours": {"positive": colour(*RED), "negative": colour(*BLUE)},
     }
+
+
+def _rounded(value: float, digits: int | None) -> float:
+    return value if digits is None else float(f"{value:.{digits}g}")
 
 
 def _static_attention(patterns: Any, heads: list[tuple[int, int]], budget: int) -> dict:

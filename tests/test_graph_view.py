@@ -33,6 +33,8 @@ def test_edges_are_sent_strongest_first_as_binary_with_their_ports():
     assert np.frombuffer(data["edge_ends"], "<i4").reshape(-1, 2).tolist() == [[0, 1], [1, 2], [0, 1]]
     assert list(data["edge_ports"]) == [2, 0, 1]  # key, none, query
     assert [node["head"] for node in data["nodes"]] == [None, [0, 1], None]
+    rounded = graph_data(_parts(nodes, [Edge("embed", "logits", 0.123456789)]), digits=4)
+    assert np.frombuffer(rounded["edge_values"], "<f4").tolist() == [np.float32(0.1235)]
     cut = graph_data(_parts(nodes, edges), limit=2)
     assert len(cut["edge_ports"]) == 2 and "the strongest 2 of 3 edges embedded" in cut["note"]
 
