@@ -96,12 +96,12 @@ def _first(args, kwargs):
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _receiver_gradient(hf, family, run_tokens, receiver, embed_shift=None):
+def _receiver_gradient(hf, family, run_tokens, receiver, embed_shift=None, hooks=None):
     """d metric / d (a perturbation added to `receiver`'s input alone), on `run_tokens` (with `embed_shift` added to
-    the token embeddings)."""
+    the token embeddings, and the handles `hooks()` registers attached)."""
     n_layers = hf.config.num_hidden_layers
     eps = torch.zeros(*run_tokens.shape, hf.config.hidden_size, requires_grad=True)
-    handles = []
+    handles = list(hooks()) if hooks else []
     if embed_shift is not None:
         handles.append(hf.get_input_embeddings().register_forward_hook(lambda m, a, out: out + embed_shift))
     if receiver == "logits":
@@ -197,3 +197,91 @@ def test_a_last_position_metric_gives_the_same_scores_with_the_last_logits_only(
     _, full, clean_value, corrupt_value = edge_scores(model, clean, corrupt, _metric, steps=steps)
     _, trimmed, *values = edge_scores(model, clean, corrupt, nm.patching.logit_diff(CORRECT, WRONG), steps=steps)
     assert torch.allclose(trimmed, full, atol=1e-5) and values == pytest.approx([clean_value, corrupt_value], abs=1e-5)
+
+
+def _group_output(hf, family, run_tokens, sender):
+    """What the layer part `sender` belongs to writes, read with torch hooks: the block input (embeddings), the
+    attention output projection's input (every head's z) or the MLP's output."""
+    seen = {}
+    if sender == "embed":
+        handle = _parts(hf, family, 0)[0].register_forward_pre_hook(
+            lambda m, args, kwargs: seen.__setitem__("x", _first(args, kwargs)), with_kwargs=True)
+    elif sender.startswith("MLP"):
+        handle = _parts(hf, family, int(sender.split()[1]))[4].register_forward_hook(lambda m, a, out: seen.__setitem__("x", out))
+    else:
+        handle = _parts(hf, family, int(sender[1:].split(".")[0]))[3].register_forward_pre_hook(
+            lambda m, args: seen.__setitem__("x", args[0]))
+    try:
+        with torch.no_grad():
+            hf(run_tokens, use_cache=False)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def _interpolating(hf, family, sender, start, end, alpha):
+    """Hooks setting the output of `sender`'s layer part to start + alpha (end - start): a function registering them."""
+    value = start + alpha * (end - start)
+
+    def register():
+        if sender == "embed":
+            def embed(m, args, kwargs):
+                return ((value, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": value})
+
+            return [_parts(hf, family, 0)[0].register_forward_pre_hook(embed, with_kwargs=True)]
+        if sender.startswith("MLP"):
+            return [_parts(hf, family, int(sender.split()[1]))[4].register_forward_hook(lambda m, a, out: value)]
+        return [_parts(hf, family, int(sender[1:].split(".")[0]))[3].register_forward_pre_hook(lambda m, args: (value,))]
+
+    return register
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox"])
+def test_eap_ig_on_activations_averages_each_edges_gradient_over_its_senders_layer_moving_to_clean(family):
+    """The Riemann sum by hand: for edge u -> v, the gradient at v's input on the corrupted run with the outputs of
+    u's layer part (the embeddings, a layer's heads, a layer's MLP) set to corrupted + k/steps (clean - corrupted)."""
+    hf = make_model(family)
+    model = nm.load(hf)
+    clean, corrupt = _inputs()
+    steps = 3
+    g, scores, _, corrupt_value = edge_scores(model, clean, corrupt, _metric, steps=steps, ig="activations")
+    with torch.no_grad():
+        assert corrupt_value == pytest.approx(_metric(hf(corrupt, use_cache=False).logits).mean().item(), abs=1e-5)
+    for sender, receiver in EDGES:
+        if not g.valid[g.sender(sender), g.receiver(receiver)]:
+            continue
+        start, end = _group_output(hf, family, corrupt, sender), _group_output(hf, family, clean, sender)
+        gradient = sum(
+            _receiver_gradient(hf, family, corrupt, receiver, hooks=_interpolating(hf, family, sender, start, end, k / steps))
+            for k in range(steps)) / steps
+        delta = _sender_output(hf, family, clean, sender) - _sender_output(hf, family, corrupt, sender)
+        got = scores[g.sender(sender), g.receiver(receiver)]
+        assert got.item() == pytest.approx((delta * gradient).sum().item(), rel=1e-4, abs=1e-5), (sender, receiver)
+    _, on_inputs, *_ = edge_scores(model, clean, corrupt, _metric, steps=steps)
+    embed = g.sender("embed")
+    assert torch.allclose(scores[embed], on_inputs[embed], atol=1e-5)  # moving the embeddings is moving the inputs
+    assert not torch.allclose(scores, on_inputs, atol=1e-3)
+
+
+def test_eap_ig_on_activations_with_one_step_is_eap():
+    model = nm.load(make_model("llama"))
+    clean, corrupt = _inputs()
+    _, eap, *values = edge_scores(model, clean, corrupt, _metric)
+    _, one_step, *one_values = edge_scores(model, clean, corrupt, _metric, steps=1, ig="activations")
+    assert torch.allclose(eap, one_step, atol=1e-6) and values == one_values
+    with pytest.raises(nm.InputError, match="ig must be one of"):
+        edge_scores(model, clean, corrupt, _metric, steps=2, ig="outputs")
+
+
+@pytest.mark.parametrize("ig", ["inputs", "activations"])
+@pytest.mark.parametrize("metric", [_metric, nm.patching.logit_diff(CORRECT, WRONG)], ids=["function", "logit_diff"])
+def test_eap_ig_in_small_memory_budgets_gives_the_same_scores(ig, metric):
+    """A budget of 1 byte runs one row per pass (one whole run of the prompts for a function of the logits, which
+    sees whole runs): the gradients of the chunks add up to the stacked ones."""
+    model = nm.load(make_model("gpt2"))
+    clean, corrupt = _inputs()
+    _, stacked, *values = edge_scores(model, clean, corrupt, metric, steps=3, ig=ig)
+    _, chunked, *chunked_values = edge_scores(model, clean, corrupt, metric, steps=3, ig=ig, memory_budget=1)
+    assert torch.allclose(chunked, stacked, atol=1e-6, rtol=0) and chunked_values == pytest.approx(values, abs=1e-6)
+    with pytest.raises(nm.InputError, match="memory_budget must be a number of bytes"):
+        edge_scores(model, clean, corrupt, metric, memory_budget=0)

@@ -38,10 +38,11 @@ def _inputs():
     return clean, corrupt
 
 
-def _hand_run(hf, family, clean, corrupt, cuts):
-    """The metric per prompt of the clean run in which each cut edge carries its sender's corrupted output."""
+def _hand_run(hf, family, clean, corrupt, cuts, corrupted=None):
+    """The metric per prompt of the clean run in which each cut edge carries its sender's corrupted output (read
+    from the run of `corrupt`, unless given as `corrupted`: {sender: output})."""
     d_head = hf.config.hidden_size // hf.config.num_attention_heads
-    corrupted = {sender: _sender_output(hf, family, corrupt, sender) for sender, _ in cuts}
+    corrupted = corrupted or {sender: _sender_output(hf, family, corrupt, sender) for sender, _ in cuts}
     current, handles = {}, []
 
     def shift(receiver):

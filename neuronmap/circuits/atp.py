@@ -19,6 +19,7 @@ from ..patching.cells import n_layers, plan
 from ..patching.metrics import Context, Metric, as_metric
 from ..patching.result import PatchingResult
 from ..patching.sweep import paired, sweep
+from .ablation import Ablation
 from .components import frozen, logits_reader
 
 
@@ -39,6 +40,11 @@ def atp(
     from ..model import Model, load
 
     model = model if isinstance(model, Model) else load(model)
+    if isinstance(corrupt, Ablation):
+        raise InputError(
+            f"atp estimates nm.patch's sweep, which patches from corrupted prompts, not a {corrupt!r}: give prompts "
+            "(eap and circuit_metrics take ablations)"
+        )
     metric = as_metric(metric)
     n_layers(model)
     clean_batch, corrupt_batch = paired(model, clean, corrupt)
@@ -50,15 +56,15 @@ def atp(
     n_prompts = clean_batch.tokens.shape[0]
     prompts = torch.arange(n_prompts, device=model.device)
     last = clean_batch.last_positions.to(model.device)
-    at = logits_reader(metric, last, n_prompts)
-    evaluate = metric.bind(Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits), model))
+    at = logits_reader(metric, last)
+    evaluate = metric.bind(Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits, prompts), model))
     with frozen(model.module):
         corrupted = model.run(corrupt_batch.tokens, attention_mask=corrupt_batch.attention_mask, capture=names, capture_grad=names)
-        corrupt_values = evaluate(at(corrupted.logits), prompts).float()
+        corrupt_values = evaluate(at(corrupted.logits, prompts), prompts).float()
         if not corrupt_values.requires_grad:
             raise InputError(f"the {metric} has no gradient: AtP needs a differentiable metric (nm.patch needs none)")
         corrupt_values.sum().backward()
-    clean_values = evaluate(at(clean_run.logits), prompts).float()
+    clean_values = evaluate(at(clean_run.logits, prompts), prompts).float()
     estimates = []
     for cell in cells.cells:
         change = sum(

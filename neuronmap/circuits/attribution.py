@@ -1,16 +1,25 @@
-"""Edge attribution patching (EAP) and its integrated-gradients form (EAP-IG): a score for every edge of the graph.
+"""Edge attribution patching (EAP) and its integrated-gradients forms (EAP-IG): a score for every edge of the graph.
 
 The score of an edge (sender u -> receiver v) estimates how much the metric moves when v reads u's clean output
 instead of its corrupted one, to first order: (clean - corrupted output of u) . (gradient of the metric at v's
 input, on the corrupted run). Every edge's score comes from one clean forward and one corrupted forward and
-backward (EAP, Syed et al. 2023); EAP-IG (Hanna et al. 2024) averages the gradients over `steps` runs whose input
-embeddings move from the corrupted prompts' towards the clean ones' (a left Riemann sum, so `steps=1` is EAP).
+backward (EAP, Syed et al. 2023). EAP-IG (Hanna et al. 2024) averages the gradients over `steps` points on a path
+from the corrupted run towards the clean one (a left Riemann sum: the first point is the corrupted run, so
+`steps=1` is EAP):
+
+- `ig="inputs"`: the input embeddings move from the corrupted prompts' towards the clean ones'; `steps` stacked
+  forward and backward passes in all. It needs corrupted prompts (a mean ablation has no corrupted embeddings).
+- `ig="activations"`: each layer's senders in turn (the embeddings, a layer's heads, a layer's MLP) have their
+  outputs moved from corrupted towards clean, the rest of the corrupted run answering; an edge's gradient is the
+  average over its own sender's path. The first point is shared, so it takes 1 + (steps - 1) x (2 x layers + 1)
+  passes, each backward stopping at the interpolated layer (about half a pass on average, past the first).
 
 A receiver's input is a norm of the residual stream followed by its own weights (a head's query, key or value
 projection, the MLP, the unembedding). Its gradient is read where the weights start (`attn.hook_q|k|v`,
 `ln2.hook_normalized`, the final residual stream), mapped back through those weights and the norm's Jacobian
 (`torch.func.vjp` of the model's own norm module), so one backward serves every receiver. Scores are then one
-matrix product per layer of receivers.
+matrix product per layer of receivers. Stacked passes are cut into chunks of rows whose estimated activation memory
+stays within `memory_budget`; the gradients of the chunks add up to those of the whole.
 """
 
 from __future__ import annotations
@@ -22,10 +31,20 @@ import torch
 from ..errors import InputError
 from ..inputs import Batch, token_strings
 from ..patching.metrics import Context, Metric, as_metric
-from ..patching.sweep import paired
+from .ablation import Ablation, Corruption, corruption, sender_hooks
 from .components import check_family, frozen, last_only, ln2_input, logits_reader, sender_outputs, traced_run
 from .graph import Graph, graph as make_graph
 from .result import CircuitGraph
+
+IG = ("inputs", "activations")
+MEMORY_BUDGET = 1 << 30
+"""Bytes of activations (estimated) one stacked forward and backward may hold, by default."""
+
+ROW_COST = {"width": 24, "inner": 4, "attention": 4, "vocab": 3}
+"""Floats per row of a stacked forward and backward with its scoring: per layer and token, times the model width,
+the MLP width, and heads x tokens (attention weights); and per logit kept. Measured on a GPT-2-small-sized model
+(CPU, 20 tokens): the resident set grows by about 30 MB a row, which these give."""
+
 
 def eap(
     model,
@@ -34,15 +53,19 @@ def eap(
     metric: Metric | Callable[[torch.Tensor], torch.Tensor],
     *,
     steps: int = 1,
+    ig: str = "inputs",
     qkv: bool = True,
     per_position: bool = False,
+    memory_budget: int = MEMORY_BUDGET,
 ) -> CircuitGraph:
-    """Score every edge of `model`'s graph for how much it carries the difference between `clean` and `corrupt`:
-    EAP, or EAP-IG with `steps` > 1 (gradients averaged over input embeddings moving from corrupted to clean).
+    """Score every edge of `model`'s graph for how much it carries the difference between `clean` and `corrupt`
+    (corrupted prompts, `mean_ablation(...)` or `resample_ablation(...)`): EAP, or EAP-IG with `steps` > 1 on the
+    input embeddings (`ig="inputs"`) or on every layer's activations (`ig="activations"`, about 2 x layers times
+    the passes).
 
     `metric` as for `nm.patch` (it must be differentiable); scores are normalised so that 1 is the whole clean -
     corrupted difference. `qkv`: a head's query, key and value inputs are separate receivers; `per_position`:
-    score each edge at each token position.
+    score each edge at each token position. `memory_budget`: bytes of activations one stacked pass may hold.
     """
     from ..model import Model, load
 
@@ -50,13 +73,16 @@ def eap(
     check_family(model)
     clean_batch = model._batch(clean)
     g = make_graph(model, qkv=qkv, positions=clean_batch.tokens.shape[1] if per_position else None)
-    g, raw, clean_value, corrupt_value = edge_scores(model, clean, corrupt, metric, g, steps=steps)
+    g, raw, clean_value, corrupt_value = edge_scores(model, clean, corrupt, metric, g, steps=steps, ig=ig,
+                                                     memory_budget=memory_budget)
     if clean_value == corrupt_value:
         raise InputError(
-            f"the metric is {clean_value:.6g} on both the clean and the corrupted prompts: there is no difference "
+            f"the metric is {clean_value:.6g} on both the clean and the corrupted run: there is no difference "
             "for the edges to carry"
         )
-    method = "EAP" if steps == 1 else f"EAP-IG ({steps} steps)"
+    method = "EAP" if steps == 1 else f"EAP-IG ({steps} steps)" if ig == "inputs" else f"EAP-IG on activations ({steps} steps)"
+    if isinstance(corrupt, Ablation):
+        method += f", {corrupt!r}"
     labels = token_strings(model.tokenizer, clean_batch.tokens[0].tolist())
     return CircuitGraph(g, raw.cpu(), clean_value, corrupt_value, method=method, metric=str(as_metric(metric)),
                         labels=labels, source=(model, clean, corrupt, metric))
@@ -70,105 +96,235 @@ def edge_scores(
     graph: Graph | None = None,
     *,
     steps: int = 1,
+    ig: str = "inputs",
+    memory_budget: int = MEMORY_BUDGET,
 ) -> tuple[Graph, torch.Tensor, float, float]:
     """EAP (`steps=1`) or EAP-IG scores `[sender, receiver]` (`[position, sender, receiver]` when `graph` keeps
     positions) of the raw metric, zero where there is no edge; and the metric's mean on the clean and corrupted
-    prompts."""
+    runs."""
     check_family(model)
     if not isinstance(steps, int) or steps < 1:
         raise InputError(f"steps must be a whole number of at least 1, got {steps!r}")
+    if ig not in IG:
+        raise InputError(f"ig must be one of {IG} (what EAP-IG interpolates), not {ig!r}")
+    if not isinstance(memory_budget, int) or memory_budget < 1:
+        raise InputError(f"memory_budget must be a number of bytes, got {memory_budget!r}")
     graph = graph or make_graph(model)
-    metric = as_metric(metric)
-    clean_batch, corrupt_batch = paired(model, clean, corrupt)
+    clean_batch, corrupted = corruption(model, clean, corrupt, graph.n_layers)
     if graph.positions is not None and graph.positions != clean_batch.tokens.shape[1]:
         raise InputError(f"the graph keeps {graph.positions} positions but the prompts have {clean_batch.tokens.shape[1]}")
-    clean_batch, corrupt_batch = clean_batch.to(model.device), corrupt_batch.to(model.device)
-    n_prompts = clean_batch.tokens.shape[0]
-    layers = graph.n_layers
-    senders = ["blocks.0.hook_resid_pre", "hook_embed"]
-    senders += [f"blocks.{layer}.attn.hook_z" for layer in range(layers)]
-    senders += [f"blocks.{layer}.hook_mlp_out" for layer in range(layers)]
-    trim = last_only(model, metric, clean_batch)
-    with torch.no_grad():
-        clean_run = traced_run(model, clean_batch, capture=senders, last=trim)
-    prompts = torch.arange(n_prompts, device=model.device)
-    last = clean_batch.last_positions.to(model.device)
-    at = logits_reader(metric, last, n_prompts, trim)
-    context = Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits.detach()), model)
-    evaluate = metric.bind(context)
-    clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
-
-    norm_inputs = [f"blocks.{layer}.hook_resid_pre" for layer in range(layers)]
-    norm_inputs += [ln2_input(model, layer) for layer in range(layers)]
-    reads = [f"blocks.{layer}.attn.hook_{part}" for layer in range(layers) for part in "qkv"]
-    reads += [f"blocks.{layer}.ln2.hook_normalized" for layer in range(layers)]
-    reads.append(f"blocks.{layers - 1}.hook_resid_post")
-    rows = prompts.repeat(steps)
-    stacked = Batch(corrupt_batch.tokens.repeat(steps, 1), corrupt_batch.attention_mask.repeat(steps, 1))
-    interventions = None
-    if steps > 1:  # each step's input embeddings moved a fraction of the way from the corrupted to the clean ones
-        with torch.no_grad():
-            embed_delta = clean_run["hook_embed"] - model._points["hook_embed"].module(corrupt_batch.tokens)
-        alphas = (torch.arange(steps, dtype=embed_delta.dtype, device=model.device) / steps).repeat_interleave(n_prompts)
-        interventions = {"hook_embed": lambda embed, hook: embed + alphas[:, None, None] * embed_delta.repeat(steps, 1, 1)}
+    if ig == "inputs" and steps > 1 and corrupted.means is not None:
+        raise InputError(
+            "EAP-IG on inputs moves the input embeddings from the corrupted prompts' to the clean ones', and a mean "
+            "ablation has no corrupted prompts: use ig='activations'"
+        )
+    attribution = _Attribution(model, graph, as_metric(metric), clean_batch, corrupted, steps, memory_budget)
     with frozen(model.module):
-        run = traced_run(model, stacked, capture=[*senders, *norm_inputs], capture_grad=reads,
-                         interventions=interventions, last=trim)
-        value = evaluate(at(run.logits), rows).float()
+        attribution.corrupted_run()
+        if ig == "inputs":
+            attribution.inputs_path()
+        else:
+            attribution.activations_path()
+    return graph, attribution.scores * graph.valid, attribution.clean_value, attribution.corrupt_value
+
+
+class _Attribution:
+    """The passes of one EAP or EAP-IG computation and the scores they add up to.
+
+    A pass is a stacked forward and backward whose rows are (point on the path, prompt) pairs; each row adds its
+    receivers' gradients, dotted with its prompt's sender differences, to the scores of the senders it stands for.
+    """
+
+    def __init__(self, model, graph: Graph, metric: Metric, clean: Batch, corrupted: Corruption, steps: int,
+                 memory_budget: int):
+        self.model, self.graph, self.corrupted, self.steps, self.metric = model, graph, corrupted, steps, metric
+        self.n = clean.tokens.shape[0]
+        self.hooks = sender_hooks(graph.n_layers)
+        self.trim = last_only(model, metric, clean)
+        with torch.no_grad():
+            self.clean = traced_run(model, clean, capture=[*self.hooks, "hook_embed"], last=self.trim)
+        prompts = torch.arange(self.n, device=model.device)
+        last = clean.last_positions.to(model.device)
+        self.at = logits_reader(metric, last, self.trim)
+        clean_logits = self.at(self.clean.logits, prompts)
+        self.evaluate = metric.bind(Context(clean.tokens, clean.attention_mask, last, clean_logits, model))
+        self.clean_value = float(self.evaluate(clean_logits, prompts).float().mean())
+        unit = 1 if metric.row_wise else self.n  # a metric of whole runs sees whole runs
+        rows = memory_budget // _row_bytes(model, clean.tokens.shape[1], 1 if self.trim else clean.tokens.shape[1])
+        self.chunk = max(unit, rows // unit * unit)
+        shape = (len(graph.senders), len(graph.receivers))
+        dtype = self.clean["blocks.0.hook_resid_pre"].dtype
+        self.scores = torch.zeros((graph.positions, *shape) if graph.positions else shape, dtype=dtype, device=model.device)
+        self.corrupt_value = float("nan")
+        self.deltas: torch.Tensor | None = None  # clean - corrupted output of every sender [sender, prompt, pos, d]
+        self.corrupt_hooks: dict[str, torch.Tensor] = {}  # the corrupted run's value at every sender hook point
+
+    def corrupted_run(self) -> None:
+        """The first point of every path: the corrupted run, scoring every edge (EAP)."""
+        values = torch.empty(self.n, device=self.model.device)
+        means = self.corrupted.means
+        self.deltas = sender_outputs(self.model, self.clean, self.graph)
+        if means is not None:
+            self.corrupt_hooks = means
+            self.deltas -= sender_outputs(self.model, means, self.graph)
+        for prompts in torch.arange(self.n, device=self.model.device).split(self.chunk):
+            run, values[prompts] = self._pass(prompts, self.corrupted.interventions(), 0,
+                                              capture=self.hooks if means is None else ())
+            if means is None:
+                self.deltas[:, prompts] -= sender_outputs(self.model, run, self.graph)
+                for name in self.hooks:
+                    self.corrupt_hooks.setdefault(name, torch.empty_like(self.clean[name]))[prompts] = run[name]
+            self._add(run, prompts, slice(None), 0)
+            del run  # before the next pass
+        self.corrupt_value = float(values.mean())
+
+    def inputs_path(self) -> None:
+        """Points 1 .. steps - 1 of the path of the input embeddings."""
+        if self.steps == 1:
+            return
+        embed = self.model._points["hook_embed"].module
+        with torch.no_grad():
+            shift = self.clean["hook_embed"] - embed(self.corrupted.batch.tokens)
+        for prompts, alphas in self._rows():
+            interventions = {"hook_embed": lambda x, hook, a=alphas, p=prompts: x + _along(a, x) * shift[p]}
+            run, _ = self._pass(prompts, interventions, 0)
+            self._add(run, prompts, slice(None), 0)
+            del run
+
+    def activations_path(self) -> None:
+        """Points 1 .. steps - 1 of each layer's senders' path, the other senders corrupted."""
+        if self.steps == 1:
+            return
+        g = self.graph
+        for index, name in enumerate(self.hooks):
+            if index == 0:
+                senders, first = slice(0, 1), 0
+            else:
+                layer, is_mlp = (index - 1) // 2, index % 2 == 0
+                start = 1 + layer * (g.n_heads + 1)
+                senders = slice(start + g.n_heads, start + g.n_heads + 1) if is_mlp else slice(start, start + g.n_heads)
+                first = int(g.valid[senders.start].nonzero()[0])  # the first receiver the senders feed
+            clean, corrupt = self.clean[name], self.corrupt_hooks[name]
+            for prompts, alphas in self._rows():
+                def move(x, hook, a=alphas, p=prompts, per_prompt=self.corrupted.means is None):
+                    start = corrupt[p] if per_prompt else corrupt
+                    return start + _along(a, x) * (clean[p] - start)
+
+                interventions = {**self.corrupted.interventions(leave=name), name: move}
+                run, _ = self._pass(prompts, interventions, first)
+                self._add(run, prompts, senders, first)
+                del run
+
+    def _rows(self):
+        """The rows of points 1 .. steps - 1 in chunks: (prompt of each row, its point's fraction of the path)."""
+        points = torch.arange(1, self.steps, device=self.model.device)
+        prompts = torch.arange(self.n, device=self.model.device).repeat(self.steps - 1)
+        alphas = (points.to(self.scores.dtype) / self.steps).repeat_interleave(self.n)
+        return zip(prompts.split(self.chunk), alphas.split(self.chunk))
+
+    def _pass(self, prompts: torch.Tensor, interventions: dict, first: int, capture=()):
+        """A forward and backward of the corrupted run's `prompts` under `interventions`, reading the gradient at
+        every receiver from index `first` on: the run and the metric of each row."""
+        g = self.graph
+        reads, norm_inputs = [], []
+        for layer in self._layers(first):
+            if layer == g.n_layers:
+                reads.append(f"blocks.{layer - 1}.hook_resid_post")
+                continue
+            if self._with_heads(layer, first):
+                reads += [f"blocks.{layer}.attn.hook_{part}" for part in "qkv"]
+                norm_inputs.append(f"blocks.{layer}.hook_resid_pre")
+            reads.append(f"blocks.{layer}.ln2.hook_normalized")
+            norm_inputs.append(ln2_input(self.model, layer))
+        batch = self.corrupted.batch
+        rows = Batch(batch.tokens[prompts], batch.attention_mask[prompts])
+        run = traced_run(self.model, rows, capture=[*capture, *norm_inputs], capture_grad=reads,
+                         interventions=interventions, last=self.trim)
+        value = self.evaluate(self.at(run.logits, prompts), prompts).float()
         if not value.requires_grad:
             raise InputError(
-                f"the {metric} does not depend on the logits through autograd, so it has no gradient: use a "
-                "differentiable metric, or exact patching (nm.patch), which needs none"
+                f"the {self.metric} does not depend on the logits through autograd, so it has no gradient: use a "
+                "differentiable metric, or exact patching (nm.patch, circuit_metrics), which needs none"
             )
-        value.sum().div(n_prompts * steps).backward()
-    corrupt_value = float(value[:n_prompts].detach().mean())
+        value.sum().div(self.n * self.steps).backward()
+        return run, value.detach()
 
-    with torch.no_grad():
-        deltas = sender_outputs(model, clean_run, graph) - sender_outputs(model, run, graph, rows=n_prompts)
-        scores = _scores(model, graph, deltas, run, steps)
-    return graph, scores * graph.valid, clean_value, corrupt_value
+    def _layers(self, first: int) -> range:
+        per_layer = (len(self.graph.receivers) - 1) // self.graph.n_layers
+        return range(first // per_layer, self.graph.n_layers + 1)
+
+    def _with_heads(self, layer: int, first: int) -> bool:
+        per_layer = (len(self.graph.receivers) - 1) // self.graph.n_layers
+        return layer * per_layer >= first
+
+    def _add(self, run, prompts: torch.Tensor, senders: slice, first: int) -> None:
+        """Add each receiver's gradient in `run` (rows of `prompts`), summed per prompt, against the differences of
+        `senders`, to their scores: one matrix product per layer of receivers."""
+        present, inverse = prompts.unique(return_inverse=True)
+        deltas = self.deltas[senders][:, present]  # [sender, prompt, pos, d]
+        per_layer = (len(self.graph.receivers) - 1) // self.graph.n_layers
+        with torch.no_grad():
+            for layer in self._layers(first):
+                heads = self._with_heads(layer, first)
+                gradients = _receiver_gradients(self.model, self.graph, run, layer, heads)  # [receiver, row, pos, d]
+                summed = gradients.new_zeros(len(gradients), len(present), *gradients.shape[2:]).index_add_(1, inverse, gradients)
+                end = min((layer + 1) * per_layer, len(self.graph.receivers))
+                columns = slice(end - len(gradients), end)
+                self.scores[..., senders, columns] += _products(deltas, summed, self.graph.positions is not None)
 
 
-def _scores(model, graph: Graph, deltas: torch.Tensor, run, steps: int) -> torch.Tensor:
-    """Each receiver's input gradient (summed over the IG steps) against every sender's delta, one layer of
-    receivers at a time."""
-    per_position = graph.positions is not None
-    n_senders, batch, length, width = deltas.shape
-    flat = deltas.permute(2, 0, 1, 3).reshape(length, n_senders, batch * width) if per_position \
-        else deltas.reshape(n_senders, -1)
-    columns = []
-    for layer in range(graph.n_layers + 1):
-        gradients = _receiver_gradients(model, graph, run, layer)  # [receivers, steps * batch, pos, d]
-        gradients = gradients.unflatten(1, (steps, batch)).sum(1)
-        if per_position:
-            columns.append(flat @ gradients.permute(2, 0, 1, 3).reshape(length, -1, batch * width).transpose(1, 2))
-        else:
-            columns.append(flat @ gradients.reshape(len(gradients), -1).T)
-    return torch.cat(columns, dim=-1)
+def _products(deltas: torch.Tensor, gradients: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """Every sender's difference `[sender, prompt, pos, d]` dotted with every receiver's gradient (same shape),
+    summed over prompts, positions (unless `per_position`) and the model dimension."""
+    n_senders, prompts, length, width = deltas.shape
+    if per_position:
+        flat = deltas.permute(2, 0, 1, 3).reshape(length, n_senders, prompts * width)
+        return flat @ gradients.permute(2, 0, 1, 3).reshape(length, -1, prompts * width).transpose(1, 2)
+    return deltas.reshape(n_senders, -1) @ gradients.reshape(len(gradients), -1).T
 
 
-def _receiver_gradients(model, graph: Graph, run, layer: int) -> torch.Tensor:
+def _receiver_gradients(model, graph: Graph, run, layer: int, heads: bool = True) -> torch.Tensor:
     """The gradient of the metric at each receiver's input in `layer` (the logits for the last layer + 1), in the
-    order of `graph.receivers`: `[receiver, rows, pos, d_model]`."""
+    order of `graph.receivers` (the MLP's alone unless `heads`): `[receiver, rows, pos, d_model]`."""
     if layer == graph.n_layers:
         return run.grad(f"blocks.{layer - 1}.hook_resid_post")[None]
+    ln2 = model._points[f"blocks.{layer}.ln2.hook_normalized"].module
+    mlp = _through_norm(ln2, run[ln2_input(model, layer)], run.grad(f"blocks.{layer}.ln2.hook_normalized")[None])
+    if not heads:
+        return mlp
     attn = model.weights.blocks[layer].attn
     q, k, v = (run.grad(f"blocks.{layer}.attn.hook_{part}") for part in "qkv")
     through_q = torch.einsum("bphk,hdk->hbpd", q, attn.W_Q)
     through_k = torch.einsum("bphk,hdk->hbpd", k, attn._W_K)
     through_v = torch.einsum("bphk,hdk->hbpd", v, attn._W_V)
     if graph.qkv:
-        heads = torch.cat([through_q, through_k, through_v])
+        through = torch.cat([through_q, through_k, through_v])
     else:
-        heads = through_q + through_k + through_v
+        through = through_q + through_k + through_v
     ln1 = model._points[f"blocks.{layer}.ln1.hook_normalized"].module
-    ln2 = model._points[f"blocks.{layer}.ln2.hook_normalized"].module
-    heads = _through_norm(ln1, run[f"blocks.{layer}.hook_resid_pre"], heads)
-    mlp = _through_norm(ln2, run[ln2_input(model, layer)], run.grad(f"blocks.{layer}.ln2.hook_normalized")[None])
-    return torch.cat([heads, mlp])
+    return torch.cat([_through_norm(ln1, run[f"blocks.{layer}.hook_resid_pre"], through), mlp])
 
 
 def _through_norm(norm: torch.nn.Module, x: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
     """Gradients at the norm's output `[n, *x.shape]` taken back to its input `x` (the norm's Jacobian, transposed)."""
     _, pullback = torch.func.vjp(norm, x.detach())
     return torch.vmap(lambda g: pullback(g)[0])(gradients)
+
+
+def _along(alphas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each row's fraction `alphas` shaped to scale rows of `x`."""
+    return alphas.to(x.dtype).reshape(-1, *[1] * (x.dim() - 1))
+
+
+def _row_bytes(model, length: int, kept: int) -> int:
+    """An estimate of the memory one row of a stacked forward and backward holds: the activations autograd keeps
+    and the captures, per layer and token, and the logits of the `kept` positions (with their gradient)."""
+    config = model._config
+    width = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * width
+    heads = config.num_attention_heads
+    per_token = config.num_hidden_layers * (ROW_COST["width"] * width + ROW_COST["inner"] * inner
+                                            + ROW_COST["attention"] * heads * length)
+    elements = length * per_token + ROW_COST["vocab"] * kept * config.vocab_size
+    return elements * 4
+

@@ -79,7 +79,10 @@ def traced_run(model, batch: Batch, *, capture=(), capture_grad=(), intervention
     `logits_to_keep`): the unembedding of every position is a large share of a small model's forward, and its
     backward more."""
     grad_names = frozenset(model.resolve(list(capture_grad))) if capture_grad else frozenset()
-    recorder = Recorder(PositionSelection(None, batch, batch.tokens.shape[1]), None, None, keep_graph=bool(grad_names),
+    # captures are values only (detached): one kept in the graph, downstream of a point whose gradient is recorded,
+    # would close a reference cycle through autograd's hooks that Python's collector cannot see, and the run would
+    # never be freed
+    recorder = Recorder(PositionSelection(None, batch, batch.tokens.shape[1]), None, None, keep_graph=False,
                         grad_names=grad_names)
     actions = model._actions(model.resolve(list(capture)) if capture else [], interventions or {}, recorder)
     kwargs = {**model._forward_kwargs, **({"logits_to_keep": 1} if last else {})}
@@ -88,11 +91,11 @@ def traced_run(model, batch: Batch, *, capture=(), capture_grad=(), intervention
     return Trace(output, batch, recorder, model.tokenizer, model.name, model.hook_names)
 
 
-def logits_reader(metric, last: torch.Tensor, n_prompts: int, trimmed: bool = False):
-    """What `metric` reads from a run's logits: each row's last real position (`last` per prompt; rows are whole
-    runs of the prompts, stacked), the only position computed when `trimmed`, or every position."""
+def logits_reader(metric, last: torch.Tensor, trimmed: bool = False):
+    """What `metric` reads from a run's logits: `(logits, prompt of each row) -> logits read`, each row's last real
+    position (`last` per prompt), the only position computed when `trimmed`, or every position."""
     if trimmed:
-        return lambda logits: logits[:, -1]
+        return lambda logits, prompts: logits[:, -1]
     if metric.positions != "last":
-        return lambda logits: logits
-    return lambda logits: logits[torch.arange(len(logits), device=logits.device), last.repeat(len(logits) // n_prompts)]
+        return lambda logits, prompts: logits
+    return lambda logits, prompts: logits[torch.arange(len(logits), device=logits.device), last[prompts]]

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from ..patching.metrics import Context, Metric, as_metric
-from ..patching.sweep import paired
+from .ablation import corruption
 from .components import check_family, last_only, ln2_input, logits_reader, sender_outputs, traced_run
 from .graph import Graph
 
@@ -35,26 +35,29 @@ def circuit_metrics(
     memory_budget: int = MEMORY_BUDGET,
 ) -> tuple[torch.Tensor, float, float]:
     """The metric `[circuit, prompt]` of each circuit (`circuits`: `[circuit, sender, receiver]` booleans, True =
-    the edge carries its clean value), and the metric's mean on the clean and on the corrupted prompts."""
+    the edge carries its clean value, False = its value in the corrupted run of `corrupt`: corrupted prompts,
+    `mean_ablation(...)` or `resample_ablation(...)`), and the metric's mean on the clean and on the corrupted run."""
     check_family(model)
     metric = as_metric(metric)
-    clean_batch, corrupt_batch = paired(model, clean, corrupt)
-    clean_batch, corrupt_batch = clean_batch.to(model.device), corrupt_batch.to(model.device)
+    clean_batch, corrupt_run = corruption(model, clean, corrupt, graph.n_layers)
     n_prompts, length = clean_batch.tokens.shape
     layers = graph.n_layers
     circuits = circuits.to(torch.bool) & graph.valid
     names = _captured(model, layers)
     trim = last_only(model, metric, clean_batch)
     with torch.no_grad():
-        corrupted = traced_run(model, corrupt_batch, capture=names, last=trim)
+        corrupted = traced_run(model, corrupt_run.batch, capture=names, interventions=corrupt_run.interventions(), last=trim)
         clean_run = traced_run(model, clean_batch, last=trim)
     last = clean_batch.last_positions.to(model.device)
-    at = logits_reader(metric, last, n_prompts, trim)
-    evaluate = metric.bind(Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits), model))
+    at = logits_reader(metric, last, trim)
     prompts = torch.arange(n_prompts, device=model.device)
-    clean_value = float(evaluate(at(clean_run.logits), prompts).float().mean())
-    corrupt_value = float(evaluate(at(corrupted.logits), prompts).float().mean())
-    senders_corrupt = sender_outputs(model, corrupted, graph)
+    evaluate = metric.bind(Context(clean_batch.tokens, clean_batch.attention_mask, last, at(clean_run.logits, prompts), model))
+    clean_value = float(evaluate(at(clean_run.logits, prompts), prompts).float().mean())
+    corrupt_value = float(evaluate(at(corrupted.logits, prompts), prompts).float().mean())
+    if corrupt_run.means is None:
+        senders_corrupt = sender_outputs(model, corrupted, graph)
+    else:
+        senders_corrupt = sender_outputs(model, corrupt_run.means, graph).expand(-1, n_prompts, length, -1)
     per_circuit = len(graph.senders) * n_prompts * length * senders_corrupt.shape[-1] * senders_corrupt.element_size() * 3
     chunk = max(1, memory_budget // max(per_circuit, 1))
     values = []
@@ -68,7 +71,7 @@ def circuit_metrics(
                 **model._forward_kwargs,
                 **({"logits_to_keep": 1} if trim else {}),
             ).logits
-        values.append(evaluate(at(logits), prompts.repeat(len(masks))).float().reshape(len(masks), n_prompts))
+        values.append(evaluate(at(logits, prompts.repeat(len(masks))), prompts.repeat(len(masks))).float().reshape(len(masks), n_prompts))
     return torch.cat(values).cpu(), clean_value, corrupt_value
 
 
