@@ -8,7 +8,8 @@ import torch
 
 import neuronmap as nm
 from neuronmap import zoo
-from neuronmap.circuits import Graph, circuit_metrics, eap, faithfulness, graph, prune, strongest
+from neuronmap.circuits import Graph, circuit_metrics, eap, faithfulness, graph, greedy, prune, strongest
+from neuronmap.circuits.discovery import greedy_order
 from neuronmap.zoo.recipes import ioi
 from conftest import make_model, tokens
 
@@ -154,3 +155,67 @@ def test_the_curve_renders_and_selection_needs_merged_positions():
     with pytest.raises(nm.InputError, match="not scored here"):
         type(scores).from_json(scores.to_json()).faithfulness()
     assert model.list_hooks() == []
+
+
+def _greedy_example():
+    g = Graph(2, 2)
+    scores = torch.zeros(g.valid.shape)
+    for (sender, receiver), value in {
+        ("embed", "A0.0.q"): 0.9,  # the strongest edge, but A0.0 is not in the circuit until A0.0 -> A1.0.k is
+        ("A1.0", "logits"): 0.5, ("MLP 1", "logits"): -0.45, ("A0.0", "A1.0.k"): -0.4, ("A1.1", "MLP 1"): 0.35,
+        ("embed", "A1.0.v"): 0.2,
+    }.items():
+        scores[g.sender(sender), g.receiver(receiver)] = value
+    return g, scores
+
+
+def test_greedy_grows_the_circuit_from_the_logits_taking_the_strongest_edge_into_it():
+    g, scores = _greedy_example()
+    # by hand: the logits' inputs first (A1.0 0.5, then MLP 1 0.45), then A1.0's and MLP 1's inputs (A0.0 -> A1.0.k
+    # 0.4, A1.1 -> MLP 1 0.35), and only then A0.0's input, the strongest edge of all
+    order = ["A1.0->logits", "MLP 1->logits", "A0.0->A1.0.k", "embed->A0.0.q", "A1.1->MLP 1"]
+    assert _named(g, greedy(g, scores, k=2)) == set(order[:2])
+    assert _named(g, strongest(g, scores, k=2)) == {"embed->A0.0.q", "A1.0->logits"}  # top-k differs
+    assert _named(g, greedy(g, scores, k=4)) == set(order[:4])
+    assert [f"{g.senders[s].name}->{g.receivers[r].name}" for s, r in greedy_order(g, scores, 5)] == order
+    with pytest.raises(nm.InputError, match="at least 1"):
+        greedy(g, scores, k=0)
+
+
+def test_every_greedy_edge_feeds_a_node_already_in_the_circuit():
+    g = Graph(3, 4, n_kv_heads=2)
+    scores = torch.randn(g.valid.shape, generator=torch.Generator().manual_seed(0))
+    chosen = greedy_order(g, scores, 40)
+    assert len(set(chosen)) == 40 and all(g.valid[s, r] for s, r in chosen)
+    in_circuit = {len(g.senders)}  # the logits
+    for s, r in chosen:
+        fed = {g.nodes.index(node) for node in _nodes_fed(g, g.receivers[r])}
+        assert fed & in_circuit, (g.senders[s].name, g.receivers[r].name)
+        in_circuit.add(s)
+
+
+def _nodes_fed(g, receiver):
+    """The head nodes a receiver's input reaches: under grouped-query attention a key/value head feeds its group."""
+    node = receiver.node
+    if node.kind == "head" and receiver.input in ("k", "v"):
+        group = g.n_heads // g.n_kv_heads
+        return [type(node)("head", node.layer, h) for h in range(node.head * group, (node.head + 1) * group)]
+    return [node]
+
+
+def test_select_greedy_measures_the_pruned_greedy_circuit_and_needs_k():
+    model = nm.load(make_model("gpt2"))
+    clean = tokens(3, 6, seed=2)
+    corrupt = clean.clone()
+    corrupt[:, 1] = tokens(3, 1, seed=3)[:, 0]
+    scores = eap(model, clean, corrupt, _answers)
+    chosen = scores.select(k=12, greedy=True)
+    expected = prune(scores.graph, greedy(scores.graph, scores.scores, 12))
+    assert torch.equal(chosen.circuit, expected)
+    value = faithfulness(model, clean, corrupt, _answers, scores.graph, expected[None])
+    assert chosen.circuit_faithfulness == pytest.approx(float(value[0]))
+    curve = scores.faithfulness([12, scores.graph.n_edges], greedy=True, baseline=False)
+    unpruned = faithfulness(model, clean, corrupt, _answers, scores.graph, greedy(scores.graph, scores.scores, 12)[None])
+    assert curve.values == pytest.approx([float(unpruned[0]), 1.0]) and "greedily" in curve.method
+    with pytest.raises(nm.InputError, match="give k"):
+        scores.select(threshold=0.1, greedy=True)

@@ -7,7 +7,7 @@ its JSON and drawn offline (`read_attribution_graph`, returning an `AttributionG
 from .ablation import mean_ablation, resample_ablation
 from .atp import atp, recheck
 from .attribution import eap, edge_scores
-from .discovery import faithfulness, prune, random_circuits, strongest
+from .discovery import faithfulness, greedy, prune, random_circuits, strongest
 from .exact import circuit_metrics
 from .graph import Graph, Node, Receiver, graph
 from .result import CircuitGraph, FaithfulnessCurve
@@ -26,6 +26,7 @@ __all__ = [
     "edge_scores",
     "faithfulness",
     "graph",
+    "greedy",
     "mean_ablation",
     "prune",
     "random_circuits",

@@ -1,13 +1,15 @@
 """Choosing a circuit from edge scores, pruning what cannot matter, and measuring how faithful circuits are.
 
 A circuit is a boolean mask over the graph's edges. `strongest` keeps the k edges of largest |score| (or every
-edge at or above a threshold); `prune` drops the edges that are on no path from the embeddings to the logits
+edge at or above a threshold); `greedy` grows a circuit from the logits, edge by edge, always taking the strongest
+edge into a node already in it (Hanna et al. 2024), so that every edge reaches the logits; `prune` drops the edges that are on no path from the embeddings to the logits
 (exactly patching them changes nothing: a sender none of whose inputs is kept writes its corrupted output).
 `faithfulness` runs circuits with exact edge patching: 0 is the corrupted run and 1 the clean run.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 
 import torch
@@ -35,6 +37,48 @@ def strongest(graph: Graph, scores: torch.Tensor, *, k: int | None = None, thres
             f"no edge has |score| >= {threshold}: the largest is {float(strength.max()):.4g}; lower the threshold"
         )
     return mask
+
+
+def greedy(graph: Graph, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The mask of `k` edges chosen from the logits down: each the edge of largest |score| among those whose
+    receiver feeds a node already in the circuit (the logits, or a sender of an edge already chosen)."""
+    if not isinstance(k, int) or k < 1:
+        raise InputError(f"k must be a number of edges of at least 1, got {k!r}")
+    mask = torch.zeros_like(graph.valid)
+    senders, receivers = zip(*greedy_order(graph, scores, k))
+    mask[list(senders), list(receivers)] = True
+    return mask
+
+
+def greedy_order(graph: Graph, scores: torch.Tensor, n: int) -> list[tuple[int, int]]:
+    """The first `n` (sender, receiver) edges `greedy` chooses, in the order it chooses them (so the greedy circuit of
+    any size is a prefix)."""
+    strength = scores.abs().tolist()
+    valid = graph.valid.tolist()
+    feeding: list[list[int]] = [[] for _ in graph.nodes]  # node -> the receivers that feed it
+    for r, receiver in enumerate(graph.receivers):
+        for node in _fed_nodes(graph, receiver):
+            feeding[node].append(r)
+    candidates: list[tuple[float, int, int]] = []
+    opened: set[int] = set()
+
+    def open_node(node: int) -> None:
+        for r in feeding[node]:
+            if r not in opened:
+                opened.add(r)
+                candidates.extend((-strength[s][r], s, r) for s in range(len(graph.senders)) if valid[s][r])
+        heapq.heapify(candidates)
+
+    in_circuit = {len(graph.senders)}  # the logits
+    open_node(len(graph.senders))
+    order = []
+    while candidates and len(order) < n:
+        _, s, r = heapq.heappop(candidates)
+        order.append((s, r))
+        if s not in in_circuit:
+            in_circuit.add(s)
+            open_node(s)
+    return order
 
 
 def prune(graph: Graph, mask: torch.Tensor) -> torch.Tensor:

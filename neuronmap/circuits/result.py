@@ -14,7 +14,7 @@ from ..errors import InputError
 from ..graph_widget import ATTENTION_BUDGET, GraphView
 from ..graphview import Edge, Node as ViewNode
 from ..inputs import Batch
-from .discovery import faithfulness, prune, random_circuits, strongest
+from .discovery import faithfulness, greedy as grow, greedy_order, prune, random_circuits, strongest
 from .exact import MEMORY_BUDGET
 from .graph import Graph
 
@@ -44,12 +44,16 @@ class CircuitGraph(Renders):
         self.scores = raw / (clean - corrupt)
         self._source = source  # (model, clean, corrupt, metric): what exact patching reruns
 
-    def select(self, *, k: int | None = None, threshold: float | None = None, pruned: bool = True) -> CircuitGraph:
-        """This graph with `.circuit` set to the `k` strongest edges (or those with |score| >= `threshold`), without
-        the edges on no path from the embeddings to the logits unless `pruned=False`; its faithfulness is measured
-        by exact patching (`.circuit_faithfulness`)."""
+    def select(self, *, k: int | None = None, threshold: float | None = None, greedy: bool = False,
+               pruned: bool = True) -> CircuitGraph:
+        """This graph with `.circuit` set to the `k` strongest edges (or those with |score| >= `threshold`), or with
+        `greedy` to `k` edges grown from the logits (each the strongest edge into a node already in the circuit);
+        without the edges on no path from the embeddings to the logits unless `pruned=False`. Its faithfulness is
+        measured by exact patching (`.circuit_faithfulness`)."""
         self._merged_positions("select a circuit")
-        mask = strongest(self.graph, self.scores, k=k, threshold=threshold)
+        if greedy and (k is None or threshold is not None):
+            raise InputError("a greedy circuit grows edge by edge to k edges: give k (and no threshold)")
+        mask = grow(self.graph, self.scores, k) if greedy else strongest(self.graph, self.scores, k=k, threshold=threshold)
         chosen = copy.copy(self)
         chosen.circuit = prune(self.graph, mask) if pruned else mask
         if not chosen.circuit.any():
@@ -58,21 +62,28 @@ class CircuitGraph(Renders):
         return chosen
 
     def faithfulness(self, sizes: Sequence[int] | None = None, *, baseline: bool = True, seed: int = 0,
-                     memory_budget: int = MEMORY_BUDGET) -> FaithfulnessCurve:
+                     greedy: bool = False, memory_budget: int = MEMORY_BUDGET) -> FaithfulnessCurve:
         """The faithfulness of the circuits of the `sizes` strongest edges (default: 1, 3, 10, 30, ... up to every
-        edge), each measured by exact patching, with a circuit of random edges of each size as a baseline (`seed`).
-        All circuits share stacked forwards. Kept as `.curve` for the view."""
+        edge; with `greedy`, the circuits grown from the logits as `select(greedy=True)` grows them, unpruned), each
+        measured by exact patching, with a circuit of random edges of each size as a baseline (`seed`). All
+        circuits share stacked forwards. Kept as `.curve` for the view."""
         self._merged_positions("measure faithfulness")
         n_edges = self.graph.n_edges
         sizes = sorted({min(int(size), n_edges) for size in (sizes or _default_sizes(n_edges))})
         if not sizes or sizes[0] < 1:
             raise InputError(f"circuit sizes must be numbers of edges of at least 1, got {sizes}")
-        masks = [strongest(self.graph, self.scores, k=size) for size in sizes]
+        if greedy:
+            order = torch.tensor(greedy_order(self.graph, self.scores, sizes[-1]))
+            masks = [torch.zeros_like(self.graph.valid).index_put_(tuple(order[:size].T), torch.tensor(True))
+                     for size in sizes]
+        else:
+            masks = [strongest(self.graph, self.scores, k=size) for size in sizes]
         if baseline:
             masks += list(random_circuits(self.graph, sizes, seed))
         values = self._faithfulness(torch.stack(masks), memory_budget=memory_budget)
         random = values[len(sizes):].tolist() if baseline else None
-        self.curve = FaithfulnessCurve(sizes, values[: len(sizes)].tolist(), random, self.method, self.graph.model_name)
+        method = f"{self.method}, grown greedily" if greedy else self.method
+        self.curve = FaithfulnessCurve(sizes, values[: len(sizes)].tolist(), random, method, self.graph.model_name)
         return self.curve
 
     def figure(self) -> Any:
