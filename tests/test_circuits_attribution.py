@@ -285,3 +285,39 @@ def test_eap_ig_in_small_memory_budgets_gives_the_same_scores(ig, metric):
     assert torch.allclose(chunked, stacked, atol=1e-6, rtol=0) and chunked_values == pytest.approx(values, abs=1e-6)
     with pytest.raises(nm.InputError, match="memory_budget must be a number of bytes"):
         edge_scores(model, clean, corrupt, metric, memory_budget=0)
+
+
+class _TanhNorm(torch.nn.Module):
+    """A norm of neither closed form: LayerNorm plus a squashed copy of its input."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.inner = torch.nn.LayerNorm(width)
+
+    def forward(self, x):
+        return self.inner(x) + x.tanh()
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "other"])
+def test_receiver_gradients_through_a_norm_equal_autograds(kind):
+    """Each receiver reads norm(x) @ W_r: its gradient at x, by the closed form (LayerNorm, RMSNorm) or by the norm
+    module's vjp (any other), against torch.autograd.grad receiver by receiver."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from neuronmap.circuits.attribution import _norm_form, _through_norm
+
+    torch.manual_seed(0)
+    width = 16
+    norm = {"layer": torch.nn.LayerNorm(width), "rms": LlamaRMSNorm(width, eps=1e-5), "other": _TanhNorm(width)}[kind]
+    with torch.no_grad():
+        for parameter in norm.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    x, weights, gradients = torch.randn(2, 3, width) * 3 + 1, torch.randn(4, width, 5), torch.randn(2, 3, 4, 5)
+    assert (_norm_form(norm, x) is None) == (kind == "other")
+    got, direct = _through_norm(norm, x, gradients, weights), _through_norm(norm, x, gradients[:, :, :1] @ weights[0].T)
+    for r in range(4):
+        leaf = x.clone().requires_grad_()
+        expected, = torch.autograd.grad(norm(leaf) @ weights[r], leaf, gradients[:, :, r])
+        assert torch.allclose(got[r], expected, atol=1e-5, rtol=1e-4), r
+        if r == 0:  # the gradient given at the norm's output itself (as for an MLP)
+            assert torch.allclose(direct[0], expected, atol=1e-5, rtol=1e-4)

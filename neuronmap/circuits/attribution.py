@@ -163,19 +163,24 @@ class _Attribution:
         """The first point of every path: the corrupted run, scoring every edge (EAP)."""
         values = torch.empty(self.n, device=self.model.device)
         means = self.corrupted.means
-        self.deltas = sender_outputs(self.model, self.clean, self.graph)
         if means is not None:
             self.corrupt_hooks = means
-            self.deltas -= sender_outputs(self.model, means, self.graph)
-        for prompts in torch.arange(self.n, device=self.model.device).split(self.chunk):
-            run, values[prompts] = self._pass(prompts, self.corrupted.interventions(), 0,
-                                              capture=self.hooks if means is None else ())
+            self.deltas = sender_outputs(self.model, self.clean, self.graph, minus=means)
+        parts = []
+        for start in range(0, self.n, self.chunk):
+            rows = slice(start, start + self.chunk)
+            prompts = torch.arange(self.n, device=self.model.device)[rows]
+            run, values[rows] = self._pass(prompts, self.corrupted.interventions(), 0,
+                                           capture=self.hooks if means is None else ())
             if means is None:
-                self.deltas[:, prompts] -= sender_outputs(self.model, run, self.graph)
                 for name in self.hooks:
-                    self.corrupt_hooks.setdefault(name, torch.empty_like(self.clean[name]))[prompts] = run[name]
-            self._add(run, prompts, slice(None), 0)
+                    self.corrupt_hooks.setdefault(name, torch.empty_like(self.clean[name]))[rows] = run[name]
+                parts.append(sender_outputs(self.model, {name: self.clean[name][rows] for name in self.hooks}, self.graph,
+                                            minus=run))
+            self._add(run, prompts, slice(0, len(self.graph.senders)), 0, parts[-1] if parts else None)
             del run  # before the next pass
+        if parts:
+            self.deltas = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         self.corrupt_value = float(values.mean())
 
     def inputs_path(self) -> None:
@@ -188,7 +193,7 @@ class _Attribution:
         for prompts, alphas in self._rows():
             interventions = {"hook_embed": lambda x, hook, a=alphas, p=prompts: x + _along(a, x) * shift[p]}
             run, _ = self._pass(prompts, interventions, 0)
-            self._add(run, prompts, slice(None), 0)
+            self._add(run, prompts, slice(0, len(self.graph.senders)), 0)
             del run
 
     def activations_path(self) -> None:
@@ -257,20 +262,35 @@ class _Attribution:
         per_layer = (len(self.graph.receivers) - 1) // self.graph.n_layers
         return layer * per_layer >= first
 
-    def _add(self, run, prompts: torch.Tensor, senders: slice, first: int) -> None:
+    def _add(self, run, prompts: torch.Tensor, senders: slice, first: int, deltas: torch.Tensor | None = None) -> None:
         """Add each receiver's gradient in `run` (rows of `prompts`), summed per prompt, against the differences of
-        `senders`, to their scores: one matrix product per layer of receivers."""
+        `senders` (`deltas` of the prompts present, else `self.deltas`), to their scores: a matrix product per layer
+        of heads (over the senders that reach them), and one for every MLP and the logits together (over all of
+        `senders`; what reaches no receiver is no edge)."""
         present, inverse = prompts.unique(return_inverse=True)
-        deltas = self.deltas[senders][:, present]  # [sender, prompt, pos, d]
-        per_layer = (len(self.graph.receivers) - 1) // self.graph.n_layers
+        one_each = torch.equal(prompts, present)  # each prompt's row once, in order: nothing to sum
+        if deltas is None:
+            deltas = self.deltas if len(present) == self.n else self.deltas[:, present]
+        per_position = self.graph.positions is not None
+
+        def per_prompt(gradients: torch.Tensor) -> torch.Tensor:
+            if one_each:
+                return gradients
+            return gradients.new_zeros(len(gradients), len(present), *gradients.shape[2:]).index_add_(1, inverse, gradients)
+
+        singles, columns = [], []
         with torch.no_grad():
             for layer in self._layers(first):
-                heads = self._with_heads(layer, first)
-                gradients = _receiver_gradients(self.model, self.graph, run, layer, heads)  # [receiver, row, pos, d]
-                summed = gradients.new_zeros(len(gradients), len(present), *gradients.shape[2:]).index_add_(1, inverse, gradients)
-                end = min((layer + 1) * per_layer, len(self.graph.receivers))
-                columns = slice(end - len(gradients), end)
-                self.scores[..., senders, columns] += _products(deltas, summed, self.graph.positions is not None)
+                groups = _receiver_gradients(self.model, self.graph, run, layer, self._with_heads(layer, first))
+                for group, gradients in groups:
+                    if len(group) == 1:  # an MLP or the logits: gathered for one product
+                        singles.append(per_prompt(gradients))
+                        columns.append(group.start)
+                        continue
+                    reach = slice(senders.start, min(senders.stop, int(self.graph.valid[:, group.start].sum())))
+                    if reach.start < reach.stop:
+                        self.scores[..., reach, group] += _products(deltas[reach], per_prompt(gradients), per_position)
+            self.scores[..., senders, columns] += _products(deltas[senders], torch.cat(singles), per_position)
 
 
 def _products(deltas: torch.Tensor, gradients: torch.Tensor, per_position: bool) -> torch.Tensor:
@@ -283,32 +303,84 @@ def _products(deltas: torch.Tensor, gradients: torch.Tensor, per_position: bool)
     return deltas.reshape(n_senders, -1) @ gradients.reshape(len(gradients), -1).T
 
 
-def _receiver_gradients(model, graph: Graph, run, layer: int, heads: bool = True) -> torch.Tensor:
-    """The gradient of the metric at each receiver's input in `layer` (the logits for the last layer + 1), in the
-    order of `graph.receivers` (the MLP's alone unless `heads`): `[receiver, rows, pos, d_model]`."""
+def _receiver_gradients(model, graph: Graph, run, layer: int, heads: bool = True) -> list[tuple[range, torch.Tensor]]:
+    """The gradient of the metric at each receiver's input in `layer` (the logits for the last layer + 1), by group
+    of receivers: the layer's heads (their query, key and value inputs, or with q/k/v merged the heads), then its MLP
+    (alone unless `heads`); each as (its columns in `graph.receivers`, `[receiver, rows, pos, d_model]`)."""
     if layer == graph.n_layers:
-        return run.grad(f"blocks.{layer - 1}.hook_resid_post")[None]
+        return [(range(len(graph.receivers) - 1, len(graph.receivers)), run.grad(f"blocks.{layer - 1}.hook_resid_post")[None])]
+    per_layer = (len(graph.receivers) - 1) // graph.n_layers
     ln2 = model._points[f"blocks.{layer}.ln2.hook_normalized"].module
-    mlp = _through_norm(ln2, run[ln2_input(model, layer)], run.grad(f"blocks.{layer}.ln2.hook_normalized")[None])
+    mlp = _through_norm(ln2, run[ln2_input(model, layer)], run.grad(f"blocks.{layer}.ln2.hook_normalized")[:, :, None])
+    groups = [(range((layer + 1) * per_layer - 1, (layer + 1) * per_layer), mlp)]
     if not heads:
-        return mlp
+        return groups
     attn = model.weights.blocks[layer].attn
-    q, k, v = (run.grad(f"blocks.{layer}.attn.hook_{part}") for part in "qkv")
-    through_q = torch.einsum("bphk,hdk->hbpd", q, attn.W_Q)
-    through_k = torch.einsum("bphk,hdk->hbpd", k, attn._W_K)
-    through_v = torch.einsum("bphk,hdk->hbpd", v, attn._W_V)
-    if graph.qkv:
-        through = torch.cat([through_q, through_k, through_v])
-    else:
-        through = through_q + through_k + through_v
+    parts = [run.grad(f"blocks.{layer}.attn.hook_{part}") for part in "qkv"]  # [rows, pos, head, d_head]
+    weights = [attn.W_Q, attn._W_K, attn._W_V]  # [head, d_model, d_head]
+    if graph.qkv:  # every head's query, key and value side by side
+        gradients, weights = torch.cat(parts, 2), torch.cat(weights)
+    else:  # each head's query, key and value inputs summed: their gradients and weights along d_head
+        gradients, weights = torch.cat(parts, 3), torch.cat(weights, 2)
     ln1 = model._points[f"blocks.{layer}.ln1.hook_normalized"].module
-    return torch.cat([_through_norm(ln1, run[f"blocks.{layer}.hook_resid_pre"], through), mlp])
+    through = _through_norm(ln1, run[f"blocks.{layer}.hook_resid_pre"], gradients, weights)
+    return [(range(layer * per_layer, layer * per_layer + len(through)), through), *groups]
 
 
-def _through_norm(norm: torch.nn.Module, x: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-    """Gradients at the norm's output `[n, *x.shape]` taken back to its input `x` (the norm's Jacobian, transposed)."""
-    _, pullback = torch.func.vjp(norm, x.detach())
-    return torch.vmap(lambda g: pullback(g)[0])(gradients)
+def _through_norm(norm: torch.nn.Module, x: torch.Tensor, gradients: torch.Tensor,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradients at the outputs of receivers reading `norm(x)` through `weights` (`gradients` `[rows, pos,
+    receiver, k]`, `weights` `[receiver, d_model, k]`; without weights, gradients at `norm(x)` itself, k = d_model),
+    taken back to `x`: `[receiver, rows, pos, d_model]`.
+
+    For a LayerNorm or an RMSNorm (checked against the module's own output) by their closed form, which folds the
+    norm's gain and centring into `weights` and its scale into `gradients`, so that the Jacobian costs one pass
+    over the result more than the product through the weights; else by `torch.func.vjp` of the norm module."""
+    form = _norm_form(norm, x)
+    if form is None:
+        through = gradients.movedim(2, 0) if weights is None else torch.einsum("bprk,rdk->rbpd", gradients, weights.to(gradients))
+        _, pullback = torch.func.vjp(norm.forward, x.detach())
+        return torch.vmap(lambda g: pullback(g)[0])(through)
+    centred, gain, eps = form
+    x = x.detach().float()
+    if centred:
+        x = x - x.mean(-1, keepdim=True)
+    scale = (x.square().mean(-1, keepdim=True) + eps).rsqrt()
+    normalized = x * scale
+    scaled = gradients.float() * scale[..., None]
+    if weights is None:  # the gradients at the norm's output: the gain and centring applied to them
+        through = (scaled * gain.float() if gain is not None else scaled).movedim(2, 0)
+        if centred:
+            through = through - through.mean(-1, keepdim=True)
+        along = (through * normalized).mean(-1)
+    else:  # the gain and centring folded into the weights' columns
+        weights = weights.float() * gain.float()[None, :, None] if gain is not None else weights.float()
+        if centred:
+            weights = weights - weights.mean(1, keepdim=True)
+        through = torch.einsum("bprk,rdk->rbpd", scaled, weights)
+        along = torch.einsum("rbpd,bpd->rbp", through, normalized) / x.shape[-1]
+    return through.addcmul_(along[..., None], normalized[None], value=-1).to(gradients.dtype)
+
+
+def _norm_form(norm: torch.nn.Module, x: torch.Tensor) -> tuple[bool, torch.Tensor | None, float] | None:
+    """(centred, gain, eps) when `norm` computes a LayerNorm (centred) or an RMSNorm over the model dimension with an
+    elementwise gain, as its output on `x` confirms; else None."""
+    if isinstance(norm, torch.nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        centred, eps = True, norm.eps
+    elif isinstance(getattr(norm, "variance_epsilon", None), float):
+        centred, eps = False, norm.variance_epsilon
+    else:
+        return None
+    gain = getattr(norm, "weight", None)
+    with torch.no_grad():
+        value = x.float() - x.float().mean(-1, keepdim=True) if centred else x.float()
+        expected = value * (value.square().mean(-1, keepdim=True) + eps).rsqrt() * (gain.float() if gain is not None else 1)
+        if getattr(norm, "bias", None) is not None:
+            expected = expected + norm.bias.float()
+        actual = norm.forward(x).float()
+    if not torch.allclose(actual, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())):
+        return None
+    return centred, gain, eps
 
 
 def _along(alphas: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

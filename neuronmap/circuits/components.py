@@ -39,15 +39,22 @@ def ln2_input(model, layer: int) -> str:
     return mid if mid in model._points else f"blocks.{layer}.hook_resid_pre"
 
 
-def sender_outputs(model, trace, graph: Graph, rows: int | None = None) -> torch.Tensor:
-    """What each sender writes into the residual stream, `[sender, batch, pos, d_model]` (the first `rows` rows)."""
-    keep = slice(None, rows)
-    outputs = [trace["blocks.0.hook_resid_pre"][keep].detach()]
+def sender_outputs(model, trace, graph: Graph, minus=None) -> torch.Tensor:
+    """What each sender writes into the residual stream, `[sender, batch, pos, d_model]`, or with `minus` how much
+    more than in that other run (`trace`, `minus`: runs' values at the senders' hook points, or anything indexed by
+    their names; a head's output is linear in its `hook_z`, so one product serves both)."""
+    def value(name: str) -> torch.Tensor:
+        return trace[name] if minus is None else trace[name] - minus[name]
+
+    embed = value("blocks.0.hook_resid_pre")
+    outputs = embed.new_empty(len(graph.senders), *embed.shape)
+    outputs[0] = embed
     for layer in range(graph.n_layers):
-        z = trace[f"blocks.{layer}.attn.hook_z"][keep].detach()
-        outputs += list(torch.einsum("bphk,hkd->hbpd", z, model.weights.blocks[layer].attn.W_O.to(z.dtype)))
-        outputs.append(trace[f"blocks.{layer}.hook_mlp_out"][keep].detach())
-    return torch.stack(outputs)
+        first = 1 + layer * (graph.n_heads + 1)
+        z = value(f"blocks.{layer}.attn.hook_z")
+        torch.matmul(z.movedim(2, 0), model.weights.blocks[layer].attn.W_O.to(z.dtype)[:, None], out=outputs[first : first + graph.n_heads])
+        outputs[first + graph.n_heads] = value(f"blocks.{layer}.hook_mlp_out")
+    return outputs
 
 
 @contextlib.contextmanager

@@ -76,29 +76,58 @@ def circuit_metrics(
 
 
 def _captured(model, layers: int) -> list[str]:
-    names = ["blocks.0.hook_resid_pre", f"blocks.{layers - 1}.hook_resid_post"]
+    names = [f"blocks.{layers - 1}.hook_resid_post"]
     for layer in range(layers):
+        names += [f"blocks.{layer}.hook_resid_pre", *sorted({ln2_input(model, layer)} - {f"blocks.{layer}.hook_resid_pre"})]
         names += [f"blocks.{layer}.attn.hook_{part}" for part in ("q", "k", "v", "z")]
         names += [f"blocks.{layer}.hook_mlp_out", f"blocks.{layer}.ln2.hook_normalized"]
     return names
 
 
 class _Patched:
-    """The interventions of one stacked forward whose rows (circuit-major, prompts within) each carry a circuit."""
+    """The interventions of one stacked forward whose rows (circuit-major, prompts within) each carry a circuit.
+
+    In each circuit a receiver with every edge kept reads the current residual stream (left alone), one with every
+    edge cut reads the corrupted run's input (its value copied, bit for bit), and only a receiver with both is
+    rebuilt, from whichever side has fewer senders: the corrupted input plus the kept senders' differences, or the
+    current input minus the cut ones' (the residual stream is the senders' outputs plus constant biases, so both
+    are the same sum). That is one matrix product per circuit and group of receivers, over the senders it needs.
+    """
 
     def __init__(self, model, graph: Graph, masks: torch.Tensor, corrupted, senders_corrupt: torch.Tensor, n_prompts: int):
         self.model, self.graph, self.corrupted = model, graph, corrupted
         self.n_circuits, self.n_prompts = len(masks), n_prompts
-        # cut[row, sender, receiver]: the edge carries the corrupted value in that row
-        self.cut = (graph.valid & ~masks).repeat_interleave(n_prompts, dim=0).to(senders_corrupt.dtype)
-        self.kept_any = masks.any(1).repeat_interleave(n_prompts, dim=0)  # [row, receiver]
-        self.cut_any = self.cut.bool().any(1)
-        self.senders_corrupt = senders_corrupt.repeat(1, self.n_circuits, 1, 1)  # [sender, row, pos, d]
-        # current - corrupted output of each sender, filled in as the forward reaches it (`read` of them so far)
-        self.differences = torch.empty_like(self.senders_corrupt)
-        self.read = 0
-        self.inputs: dict[str, torch.Tensor] = {}
+        self.senders_corrupt = senders_corrupt  # [sender, prompt, pos, d]
         self.receivers_per_layer = (len(graph.receivers) - 1) // graph.n_layers
+        self.plans = {group: _plans(graph, masks[:, :, group.start : group.stop], group, *bases)
+                      for group, bases in self._groups().items()}
+        needed = torch.zeros(len(graph.senders), dtype=torch.bool)
+        for plans in self.plans.values():
+            for plan in plans:
+                if plan.senders is not None:
+                    needed[plan.senders] = True
+        self.needed = needed.tolist()
+        # current - corrupted output of each needed sender, filled in as the forward reaches it
+        self.differences = senders_corrupt.new_empty(len(graph.senders), self.n_circuits, *senders_corrupt.shape[1:])
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    def _groups(self) -> dict[range, tuple[str, str]]:
+        """The receivers rebuilt together (each layer's query, key and value heads, or its heads with q/k/v merged;
+        its MLP; the logits), each with the corrupted run's hook point and the current input's key they read."""
+        g, groups = self.graph, {}
+        for layer in range(g.n_layers):
+            base = layer * self.receivers_per_layer
+            heads = (f"blocks.{layer}.hook_resid_pre", f"pre{layer}")
+            if g.qkv:
+                for start, size in ((0, g.n_heads), (g.n_heads, g.n_kv_heads), (g.n_heads + g.n_kv_heads, g.n_kv_heads)):
+                    groups[range(base + start, base + start + size)] = heads
+            else:
+                groups[range(base, base + g.n_heads)] = heads
+            mlp_reads = ln2_input(self.model, layer)
+            key = f"mid{layer}" if mlp_reads.endswith("hook_resid_mid") else f"pre{layer}"
+            groups[range(base + self.receivers_per_layer - 1, base + self.receivers_per_layer)] = (mlp_reads, key)
+        groups[range(len(g.receivers) - 1, len(g.receivers))] = (f"blocks.{g.n_layers - 1}.hook_resid_post", "logits")
+        return groups
 
     def interventions(self) -> dict[str, Callable]:
         g, model = self.graph, self.model
@@ -116,14 +145,22 @@ class _Patched:
         result[f"blocks.{g.n_layers - 1}.hook_resid_post"] = self._logits_input
         return result
 
-    def _rows(self, name: str) -> torch.Tensor:
-        """The corrupted run's value at `name`, repeated for every circuit of the forward."""
-        value = self.corrupted[name]
-        return value.repeat(self.n_circuits, *([1] * (value.dim() - 1)))
+    def _circuits(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` (rows first) as `[circuit, prompt, ...]`."""
+        return x.view(self.n_circuits, self.n_prompts, *x.shape[1:])
+
+    def _write_differences(self, first: int, outputs: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        """The differences of the senders from `first` on (or `first + index`) from their current `outputs`
+        `[sender, row, pos, d]`."""
+        outputs = outputs.view(len(outputs), self.n_circuits, *self.senders_corrupt.shape[1:])
+        if index is None:
+            senders = slice(first, first + len(outputs))
+            torch.sub(outputs, self.senders_corrupt[senders, None], out=self.differences[senders])
+        else:
+            self.differences[first + index] = outputs - self.senders_corrupt[first + index, None]
 
     def _embed(self, x, hook):
-        torch.sub(x, self.senders_corrupt[0], out=self.differences[0])
-        self.read = 1
+        self._write_differences(0, x[None])
         self.inputs["pre0"] = x
 
     def _stack(self, first, key: str):
@@ -134,65 +171,81 @@ class _Patched:
 
         return keep
 
-    def _receiver_inputs(self, x: torch.Tensor, receivers: range) -> torch.Tensor:
-        """Each receiver's input `[receiver, row, pos, d]`: the current residual stream `x` minus the differences of
-        the senders whose edges to it are cut (the callers give a receiver with every edge cut the corrupted run's
-        own value instead, so that it is bit-identical)."""
-        differences = self.differences[: self.read]  # [sender so far, row, pos, d]
-        cut = self.cut[:, : len(differences), receivers.start : receivers.stop]  # [row, sender, receiver]
-        return x - torch.einsum("snpd,nsr->rnpd", differences, cut)
+    def _rebuild(self, group: range, current: torch.Tensor, corrupted: torch.Tensor, compute: Callable) -> torch.Tensor | None:
+        """`current` (a receiver group's value, rows first, the group along `dim` 2 or absent for one receiver) with
+        each circuit's every-cut receivers set to the `corrupted` run's value and its mixed ones to `compute(inputs,
+        receivers)` of their rebuilt inputs `[receiver, prompt, pos, d]`; None when no circuit changes anything."""
+        plans = self.plans[group]
+        if all(plan.all_kept for plan in plans):
+            return None
+        rows = self._circuits(current)
+        one = current.dim() == 3  # one receiver: no group dimension
+        for c, plan in enumerate(plans):
+            if plan.every_cut is not None:
+                if one:
+                    rows[c] = corrupted
+                else:
+                    rows[c][:, :, plan.every_cut] = corrupted[:, :, plan.every_cut]
+            if plan.mixed is not None:
+                computed = compute(self._inputs_of(plan, c), plan.mixed)
+                if one:
+                    rows[c] = computed[0]
+                else:
+                    rows[c][:, :, plan.mixed] = computed
+        return current
+
+    def _inputs_of(self, plan: _Plan, circuit: int) -> torch.Tensor:
+        """The rebuilt inputs `[receiver, prompt, pos, d]` of a plan's mixed receivers in one circuit."""
+        differences = self.differences[:, circuit].index_select(0, plan.senders)
+        products = (plan.weights.to(differences) @ differences.flatten(1)).view(len(plan.weights), *differences.shape[1:])
+        if plan.from_corrupted:
+            return self.corrupted[plan.base] + products
+        return self._circuits(self.inputs[plan.base])[circuit] - products
 
     def _head_input(self, layer: int, part: str):
         g = self.graph
-        n_heads, n_kv = g.n_heads, g.n_kv_heads
         base = layer * self.receivers_per_layer
         if g.qkv:
-            offset = {"q": 0, "k": n_heads, "v": n_heads + n_kv}[part]
-            receivers = range(base + offset, base + offset + (n_heads if part == "q" else n_kv))
+            offset = {"q": 0, "k": g.n_heads, "v": g.n_heads + g.n_kv_heads}[part]
+            group = range(base + offset, base + offset + (g.n_heads if part == "q" else g.n_kv_heads))
         else:
-            receivers = range(base, base + n_heads)
+            group = range(base, base + g.n_heads)
         attn = self.model.weights.blocks[layer].attn
         weight = {"q": attn.W_Q, "k": attn._W_K, "v": attn._W_V}[part]
         bias = {"q": attn.b_Q, "k": attn._b_K, "v": attn._b_V}[part]
         norm = self.model._points[f"blocks.{layer}.ln1.hook_normalized"].module
+        corrupted = self.corrupted[f"blocks.{layer}.attn.hook_{part}"]
+
+        def compute(inputs, heads):
+            return torch.einsum("hnpd,hdk->nphk", norm.forward(inputs), weight[heads].to(inputs)) + bias[heads].to(inputs)
 
         def write(current, hook):  # current: [row, pos, head, d_head]
-            cut = self.cut_any[:, receivers.start : receivers.stop]  # [row, head]
-            if not cut.any():
-                return None
-            inputs = self._receiver_inputs(self.inputs[f"pre{layer}"], receivers)
-            computed = torch.einsum("hnpd,hdk->nphk", norm.forward(inputs), weight.to(inputs)) + bias.to(inputs)
-            every_cut = ~self.kept_any[:, receivers.start : receivers.stop]
-            computed = torch.where(every_cut[:, None, :, None], self._rows(f"blocks.{layer}.attn.hook_{part}"), computed)
-            return torch.where(cut[:, None, :, None], computed, current)
+            return self._rebuild(group, current, corrupted, compute)
 
         return write
 
     def _heads_written(self, layer: int):
         W_O = self.model.weights.blocks[layer].attn.W_O
-        first = 1 + layer * (self.graph.n_heads + 1)
+        n_heads = self.graph.n_heads
+        first = 1 + layer * (n_heads + 1)
+        heads = [h for h in range(n_heads) if self.needed[first + h]]
+        index = None if len(heads) == n_heads else torch.tensor(heads, device=W_O.device)
 
         def read(z, hook):
-            results = torch.einsum("nphk,hkd->hnpd", z, W_O.to(z))
-            last = first + self.graph.n_heads
-            torch.sub(results, self.senders_corrupt[first:last], out=self.differences[first:last])
-            self.read = last
+            if index is None:
+                self._write_differences(first, torch.einsum("nphk,hkd->hnpd", z, W_O.to(z)))
+            else:
+                self._write_differences(first, torch.einsum("nphk,hkd->hnpd", z[:, :, index], W_O[index].to(z)), index)
 
-        return read
+        return read if heads else (lambda z, hook: None)
 
     def _mlp_input(self, layer: int):
-        receiver = layer * self.receivers_per_layer + self.receivers_per_layer - 1
+        group = range(layer * self.receivers_per_layer + self.receivers_per_layer - 1, (layer + 1) * self.receivers_per_layer)
         norm = self.model._points[f"blocks.{layer}.ln2.hook_normalized"].module
-        key = f"mid{layer}" if ln2_input(self.model, layer).endswith("hook_resid_mid") else f"pre{layer}"
+        corrupted = self.corrupted[f"blocks.{layer}.ln2.hook_normalized"]
 
         def write(current, hook):
-            cut = self.cut_any[:, receiver]
-            if not cut.any():
-                return None
-            computed = norm.forward(self._receiver_inputs(self.inputs[key], range(receiver, receiver + 1))[0])  # not norm(...): its own hooks would run again
-            every_cut = ~self.kept_any[:, receiver]
-            computed = torch.where(every_cut[:, None, None], self._rows(f"blocks.{layer}.ln2.hook_normalized"), computed)
-            return torch.where(cut[:, None, None], computed, current)
+            return self._rebuild(group, current, corrupted, lambda inputs, _: norm.forward(inputs))  # not norm(...): its own hooks would run again
 
         return write
 
@@ -200,17 +253,49 @@ class _Patched:
         index = (layer + 1) * (self.graph.n_heads + 1)
 
         def read(out, hook):
-            torch.sub(out, self.senders_corrupt[index], out=self.differences[index])
-            self.read = index + 1
+            if self.needed[index]:
+                self._write_differences(index, out[None])
 
         return read
 
     def _logits_input(self, x, hook):
-        receiver = len(self.graph.receivers) - 1
-        cut = self.cut_any[:, receiver]
-        if not cut.any():
-            return None
-        computed = self._receiver_inputs(x, range(receiver, receiver + 1))[0]
-        every_cut = ~self.kept_any[:, receiver]
-        computed = torch.where(every_cut[:, None, None], self._rows(f"blocks.{self.graph.n_layers - 1}.hook_resid_post"), computed)
-        return torch.where(cut[:, None, None], computed, x)
+        g = self.graph
+        self.inputs["logits"] = x
+        group = range(len(g.receivers) - 1, len(g.receivers))
+        return self._rebuild(group, x, self.corrupted[f"blocks.{g.n_layers - 1}.hook_resid_post"], lambda inputs, _: inputs)
+
+
+class _Plan:
+    """What one circuit does to one group of receivers: the receivers whose every edge is cut (`every_cut`), those
+    with kept and cut edges (`mixed`), rebuilt from the `senders` whose differences they add (`from_corrupted`:
+    to the corrupted run's input at hook point `base`) or subtract (from the current input, kept under key `base`),
+    with `weights` `[mixed receiver, sender]` saying which sender reaches which receiver."""
+
+    def __init__(self, every_cut, mixed, senders, weights, from_corrupted: bool, base: str | None):
+        self.every_cut, self.mixed, self.senders, self.weights = every_cut, mixed, senders, weights
+        self.from_corrupted, self.base = from_corrupted, base
+        self.all_kept = every_cut is None and mixed is None
+
+
+def _plans(graph: Graph, kept: torch.Tensor, group: range, corrupted_base: str, current_base: str) -> list[_Plan]:
+    """Each circuit's `_Plan` for the receivers `group` (`kept`: `[circuit, sender, receiver of the group]`), whose
+    input is the corrupted run's value at `corrupted_base` and the current one kept under `current_base`."""
+    valid = graph.valid[:, group.start : group.stop]
+    kept = kept.cpu() & valid
+    cut = valid & ~kept
+    kept_any, cut_any = kept.any(1), cut.any(1)  # [circuit, receiver]
+    plans = []
+    for c in range(len(kept)):
+        every = (~kept_any[c]).nonzero().flatten()
+        every = every if len(every) else None
+        mixed = (kept_any[c] & cut_any[c]).nonzero().flatten()
+        if not len(mixed):
+            plans.append(_Plan(every, None, None, None, False, None))
+            continue
+        from_kept, from_cut = kept[c][:, mixed], cut[c][:, mixed]
+        kept_senders, cut_senders = from_kept.any(1).nonzero().flatten(), from_cut.any(1).nonzero().flatten()
+        use_kept = len(kept_senders) <= len(cut_senders)
+        senders = kept_senders if use_kept else cut_senders
+        weights = (from_kept if use_kept else from_cut)[senders].T.float()
+        plans.append(_Plan(every, mixed, senders, weights, use_kept, corrupted_base if use_kept else current_base))
+    return plans
