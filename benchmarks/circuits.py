@@ -6,7 +6,7 @@ environment. From the repository root::
     python3 -m venv .circuits-bench-venv && . .circuits-bench-venv/bin/activate
     pip install -c constraints.txt torch==2.13.0 auto-circuit==1.0.1 "transformer_lens==3.9.0" attrs
     pip install -c constraints.txt -e .
-    python benchmarks/circuits.py              # 3 rounds (about 45 minutes on 2 cores) + peak memory (about 20 more)
+    python benchmarks/circuits.py              # 3 rounds (about 25 minutes on 2 cores) + peak memory (about 20 more)
     python benchmarks/circuits.py --no-memory  # auto-circuit's EAP-IG 10 alone takes 6-7 minutes a round
     python benchmarks/circuits.py --rounds 5
     python benchmarks/circuits.py --quick      # smoke run: 2 layers, EAP-IG 2 and 3, 1 round, no peak memory
@@ -34,6 +34,9 @@ Tasks (each timed as a whole call, from the prompts to the scores or faithfulnes
                     corrupted towards the clean ones); auto-circuit ``mask_gradient_prune_scores(...,
                     integrated_grad_samples=N)`` (N + 1 forward+backward passes, every edge's mask interpolated). N = 5, 10
                     (2, 3 with ``--quick``).
+* ``EAP-IG act N``  NeuronMap only: ``eap(..., steps=N, ig="activations")`` (each layer's senders moved from their
+                    corrupted towards their clean outputs in turn: 1 + (N - 1) x 25 passes, each backward stopping at
+                    the moved layer); auto-circuit has no counterpart. N = 5 (2 with ``--quick``).
 * ``faithfulness``  the exact faithfulness of the circuits of the 100, 300, 1000, 3000 and 10000 strongest edges of the
                     library's own EAP scores (computed once, untimed). NeuronMap ``scores.faithfulness(sizes,
                     baseline=False)``; auto-circuit ``run_circuits(model, loader, sizes, prune_scores,
@@ -87,16 +90,16 @@ import torch  # noqa: E402
 import neuronmap as nm  # noqa: E402
 
 METHODS = ("neuronmap", "auto-circuit")
-FULL = dict(n_layer=12, n_embd=768, n_head=12, prompts=8, length=20, corrupted=3, ig_steps=(5, 10),
+FULL = dict(n_layer=12, n_embd=768, n_head=12, prompts=8, length=20, corrupted=3, ig_steps=(5, 10), act_steps=5,
             sizes=[100, 300, 1000, 3000, 10000], ks=[100, 1000, 10000])
-QUICK = dict(n_layer=2, n_embd=256, n_head=4, prompts=4, length=8, corrupted=2, ig_steps=(2, 3),
+QUICK = dict(n_layer=2, n_embd=256, n_head=4, prompts=4, length=8, corrupted=2, ig_steps=(2, 3), act_steps=2,
              sizes=[3, 10, 30, 60, 100], ks=[30, 60, 100])  # 110 edges
 VOCAB = 50257
 THREADS = 2
 
 
 def tasks(shape: dict) -> list[str]:
-    return (["AtP nodes", "EAP"] + [f"EAP-IG {n}" for n in shape["ig_steps"]] + ["faithfulness"]
+    return (["AtP nodes", "EAP"] + [f"EAP-IG {n}" for n in shape["ig_steps"]] + [f"EAP-IG act {shape['act_steps']}", "faithfulness"]
             + [f"circuit k={k}" for k in shape["ks"]])
 
 
@@ -162,6 +165,8 @@ def nm_variants(setup: Setup) -> dict[str, Callable[[], object]]:
     }
     for n in setup.shape["ig_steps"]:
         found[f"EAP-IG {n}"] = lambda n=n: nm.circuits.eap(model, clean, corrupt, metric, steps=n)
+    act = setup.shape["act_steps"]
+    found[f"EAP-IG act {act}"] = lambda: nm.circuits.eap(model, clean, corrupt, metric, steps=act, ig="activations")
     found["faithfulness"] = lambda: scores.faithfulness(setup.shape["sizes"], baseline=False)
     for k in setup.shape["ks"]:
         found[f"circuit k={k}"] = lambda k=k: scores.select(k=k)
@@ -420,6 +425,11 @@ def cross_check(setup: Setup, measured: dict, methods: list[str]) -> list[str]:
         atp = results["neuronmap", "AtP nodes"]
         lines.append(f"NeuronMap: clean {nm_scores.clean:.5f}, corrupted {nm_scores.corrupt:.5f}; {nm_scores.graph!r}")
         lines.append(f"AtP nodes: {tuple(atp.raw.shape)} estimates from {float(atp.raw.min()):.4f} to {float(atp.raw.max()):.4f}")
+        act, steps = results["neuronmap", f"EAP-IG act {setup.shape['act_steps']}"], setup.shape["act_steps"]
+        inputs = results.get(("neuronmap", f"EAP-IG {steps}"))
+        if inputs is not None:
+            valid = act.graph.valid
+            lines.append(f"EAP-IG {steps} on activations vs on inputs: Pearson r = {pearson(act.raw[valid], inputs.raw[valid]):.4f}")
         curve = results["neuronmap", "faithfulness"]
         lines.append("NeuronMap faithfulness " + ", ".join(f"{s}: {v:.4f}" for s, v in zip(curve.sizes, curve.values)))
         for k in setup.shape["ks"]:

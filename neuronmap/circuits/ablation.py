@@ -77,7 +77,6 @@ class Corruption:
 
     batch: Batch
     means: dict[str, torch.Tensor] | None
-    description: str
 
     def interventions(self, leave: str | None = None) -> dict[str, Callable]:
         """For a mean ablation, every sender hook point (but `leave`) writing its mean: the value is the mean
@@ -102,14 +101,14 @@ def corruption(model, clean, corrupt, n_layers: int) -> tuple[Batch, Corruption]
 
     if isinstance(corrupt, MeanAblation):
         clean_batch = model._batch(clean).to(model.device)
-        return clean_batch, Corruption(clean_batch, _means(model, clean_batch, corrupt, n_layers), repr(corrupt))
+        return clean_batch, Corruption(clean_batch, _means(model, clean_batch, corrupt, n_layers))
     if isinstance(corrupt, ResampleAblation):
         clean_batch = model._batch(clean)
         prompts = clean_batch if corrupt.prompts is None else model._batch(corrupt.prompts)
         clean_batch, resampled = paired(model, clean, _deranged(prompts, corrupt.seed, clean_batch))
-        return clean_batch.to(model.device), Corruption(resampled.to(model.device), None, repr(corrupt))
+        return clean_batch.to(model.device), Corruption(resampled.to(model.device), None)
     clean_batch, corrupt_batch = paired(model, clean, corrupt)
-    return clean_batch.to(model.device), Corruption(corrupt_batch.to(model.device), None, "corrupted prompts")
+    return clean_batch.to(model.device), Corruption(corrupt_batch.to(model.device), None)
 
 
 def _deranged(prompts: Batch, seed: int, clean: Batch) -> torch.Tensor:

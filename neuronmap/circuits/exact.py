@@ -1,6 +1,7 @@
 """Exact edge patching: run the clean prompts with only a circuit's edges carrying clean activations.
 
-Every edge outside the circuit carries the corrupted run's value instead: a receiver's input is the residual
+Every edge outside the circuit carries the corrupted run's value instead (the corrupted prompts', or a mean or
+resample ablation's: see `ablation`): a receiver's input is the residual
 stream it reads minus, for each sender whose edge to it is cut, that sender's (current - corrupted) output. The
 senders' current outputs are read during the same forward, so an edge's effect reaches later receivers only
 through the edges that are kept. A receiver with every edge cut reads the corrupted run's input itself, and one
