@@ -88,6 +88,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import torch  # noqa: E402
 
 import neuronmap as nm  # noqa: E402
+from harness import interleaved_rounds, resident  # noqa: E402  (benchmarks/harness.py, beside this script)
 
 METHODS = ("neuronmap", "auto-circuit")
 FULL = dict(n_layer=12, n_embd=768, n_head=12, prompts=8, length=20, corrupted=3, ig_steps=(5, 10), act_steps=5,
@@ -303,61 +304,16 @@ def variants(setup: Setup, methods: list[str]) -> dict[tuple[str, str], Callable
     return found
 
 
-def timed(call: Callable[[], object]) -> tuple[float, float, object]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = call()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
 def measure(setup: Setup, calls: dict, rounds: int, progress: bool) -> dict:
     bare = bare_forward(setup)
     for _ in range(3):
         bare()
     for call in calls.values():  # warm-up
         call()
-    results = {}  # the outputs of the last round
-    names = list(calls)
-    rec = {key: {"wall": [], "cpu": [], "x_wall": [], "x_cpu": [], "to_ac": []} for key in names}
-    bare_walls, bare_cpus = [], []
-    for round_ in range(rounds):
-        start = time.perf_counter()
-        order = names[round_ % len(names):] + names[: round_ % len(names)]
-        this_round, round_bare_wall, round_bare_cpu = {}, [], []
-        for key in order:
-            for _ in range(3):
-                wall, cpu, _out = timed(bare)
-                round_bare_wall.append(wall)
-                round_bare_cpu.append(cpu)
-            wall, cpu, results[key] = timed(calls[key])
-            this_round[key] = (wall, cpu)
-            if progress:
-                print(f"    {key[0]} {key[1]}: {wall:.2f} s", flush=True)
-        bw, bc = statistics.median(round_bare_wall), statistics.median(round_bare_cpu)
-        bare_walls.append(bw)
-        bare_cpus.append(bc)
-        for key, (wall, cpu) in this_round.items():
-            rec[key]["wall"].append(wall)
-            rec[key]["cpu"].append(cpu)
-            rec[key]["x_wall"].append(wall / bw)
-            rec[key]["x_cpu"].append(cpu / bc)
-            ac = this_round.get(("auto-circuit", key[1]))
-            if ac is not None:
-                rec[key]["to_ac"].append(wall / ac[0])
-        print(f"  round {round_ + 1}/{rounds}: {time.perf_counter() - start:.0f} s, bare forward {bw * 1e3:.1f} ms", flush=True)
-    return {"rec": rec, "results": results, "bare_wall": bare_walls, "bare_cpu": bare_cpus}
+    return interleaved_rounds(bare, calls, rounds, "auto-circuit", progress)
 
 
 # ---------------------------------------------------------------------------------------------- peak memory
-
-
-def _status() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0]) * 1024
-    return values
 
 
 def memory_child(shape: dict, method: str, task: str) -> dict:
@@ -371,9 +327,9 @@ def memory_child(shape: dict, method: str, task: str) -> dict:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status()
+    before = resident()
     call()
-    after = _status()
+    after = resident()
     return {"growth": after["VmHWM"] - before["VmRSS"], "baseline": before["VmRSS"]}
 
 
@@ -504,7 +460,7 @@ def report(measured: dict, memory: dict, keys: list[tuple[str, str]], task_order
             if key not in keys:
                 continue
             r = rec[key]
-            to_ac = f"{statistics.median(r['to_ac']):.3f}x" if r["to_ac"] else "n/a"
+            to_ac = f"{statistics.median(r['to_ref']):.3f}x" if r["to_ref"] else "n/a"
             lines.append(
                 f"{method:13} {task:15} {statistics.median(r['wall']):9.3f} {statistics.median(r['cpu']):8.3f} "
                 f"{statistics.median(r['x_wall']):9.1f}x {statistics.median(r['x_cpu']):9.1f}x {to_ac:>11} "

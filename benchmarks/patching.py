@@ -72,6 +72,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 import torch  # noqa: E402
 
 import neuronmap as nm  # noqa: E402
+from harness import interleaved_rounds, resident  # noqa: E402  (benchmarks/harness.py, beside this script)
 
 SWEEPS = ("resid_pre", "z")
 METHODS = ("transformerlens", "hook-loop", "neuronmap")
@@ -300,61 +301,16 @@ def variants(setup: Setup, methods: list[str]) -> dict[tuple[str, str], Callable
     return found
 
 
-def timed(call: Callable[[], object]) -> tuple[float, float, object]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = call()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
 def measure(setup: Setup, calls: dict, rounds: int, progress: bool) -> dict:
     bare = bare_forward(setup)
     for _ in range(3):
         bare()
     for call in calls.values():  # warm-up: one cell of each sweep
         call(warm=True)
-    results = {}  # the values compared below: those of the last round
-    names = list(calls)
-    rec = {key: {"wall": [], "cpu": [], "x_wall": [], "x_cpu": [], "to_tl": []} for key in names}
-    bare_walls, bare_cpus = [], []
-    for round_ in range(rounds):
-        start = time.perf_counter()
-        order = names[round_ % len(names):] + names[: round_ % len(names)]
-        this_round, round_bare_wall, round_bare_cpu = {}, [], []
-        for key in order:
-            for _ in range(3):
-                wall, cpu, _out = timed(bare)
-                round_bare_wall.append(wall)
-                round_bare_cpu.append(cpu)
-            wall, cpu, results[key] = timed(calls[key])
-            this_round[key] = (wall, cpu)
-            if progress:
-                print(f"    {key[0]} {key[1]}: {wall:.1f} s", flush=True)
-        bw, bc = statistics.median(round_bare_wall), statistics.median(round_bare_cpu)
-        bare_walls.append(bw)
-        bare_cpus.append(bc)
-        for key, (wall, cpu) in this_round.items():
-            rec[key]["wall"].append(wall)
-            rec[key]["cpu"].append(cpu)
-            rec[key]["x_wall"].append(wall / bw)
-            rec[key]["x_cpu"].append(cpu / bc)
-            tl = this_round.get(("transformerlens", key[1]))
-            if tl is not None:
-                rec[key]["to_tl"].append(wall / tl[0])
-        print(f"  round {round_ + 1}/{rounds}: {time.perf_counter() - start:.0f} s, bare forward {bw * 1e3:.1f} ms", flush=True)
-    return {"rec": rec, "results": results, "bare_wall": bare_walls, "bare_cpu": bare_cpus}
+    return interleaved_rounds(bare, calls, rounds, "transformerlens", progress)
 
 
 # ---------------------------------------------------------------------------------------------- peak memory
-
-
-def _status() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":")
-                values[key] = int(value.split()[0]) * 1024
-    return values
 
 
 def memory_child(shape: dict, attn: str, method: str, sweep: str) -> dict:
@@ -367,9 +323,9 @@ def memory_child(shape: dict, attn: str, method: str, sweep: str) -> dict:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status()
+    before = resident()
     call()
-    after = _status()
+    after = resident()
     return {"growth": after["VmHWM"] - before["VmRSS"], "baseline": before["VmRSS"]}
 
 
@@ -401,7 +357,7 @@ def report(measured: dict, memory: dict, methods: list[str]) -> list[str]:
             values, forwards = results[key]
             reference = results.get(("hook-loop", sweep))
             diff = f"{(values - reference[0]).abs().max().item():.2e}" if reference is not None else "n/a"
-            to_tl = f"{statistics.median(r['to_tl']):.3f}x" if r["to_tl"] else "n/a"
+            to_tl = f"{statistics.median(r['to_ref']):.3f}x" if r["to_ref"] else "n/a"
             lines.append(
                 f"{method:16} {sweep:9} {forwards if forwards is not None else '?':>8} {statistics.median(r['wall']):9.2f} "
                 f"{statistics.median(r['cpu']):8.2f} {statistics.median(r['x_wall']):9.1f}x {statistics.median(r['x_cpu']):9.1f}x "
