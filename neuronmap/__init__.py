@@ -4,10 +4,19 @@ The public API is re-exported here; everything else is private to its module. He
 (plotly, scikit-learn, h5py, anywidget) are imported where they are first used, so `import neuronmap` stays light.
 """
 
-from . import circuits, patching, zoo
+from . import circuits, patching, store, zoo
 from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
 from .circuits import CircuitGraph
-from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError, NotCapturedError, WeightError
+from .errors import (
+    HookNameError,
+    InputError,
+    InterventionError,
+    LoadError,
+    NeuronMapError,
+    NotCapturedError,
+    StoreError,
+    WeightError,
+)
 from .hooks import HookPoint
 from .model import Model, load
 from .patching import PatchingResult, patch
@@ -16,8 +25,16 @@ from .weights import Weights
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """The activation store's entry points, loaded (with h5py) on first use."""
+    if name in ("ActivationStore", "extract", "open_store"):
+        return getattr(store, name)
+    raise AttributeError(f"module 'neuronmap' has no attribute {name!r}")
+
 __all__ = [
     "SCORES",
+    "ActivationStore",
     "AttentionPatterns",
     "AttentionView",
     "CircuitGraph",
@@ -30,16 +47,20 @@ __all__ = [
     "Model",
     "NeuronMapError",
     "NotCapturedError",
+    "StoreError",
     "PatchingResult",
     "Trace",
     "WeightError",
     "Weights",
     "attention",
     "circuits",
+    "extract",
     "head_scores",
     "load",
+    "open_store",
     "patch",
     "patching",
     "repeated_random_tokens",
+    "store",
     "zoo",
 ]

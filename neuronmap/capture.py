@@ -106,11 +106,16 @@ def _within(position: int, length: int) -> int:
     return position % length
 
 
+class AllRecorded(Exception):
+    """Raised by a `Recorder` with `stop_when_recorded` once every named activation is kept: ends the forward pass."""
+
+
 class Recorder:
     """Keeps captured activations (moved, cast and cut to the requested positions, without extra copies), and
     the gradients reaching the hook points named in `grad_names` during backward passes.
 
-    With `keep_graph`, captures stay in the autograd graph (a metric computed from them can be differentiated).
+    When `stop_when_recorded` names hook points, recording the last of them raises `AllRecorded`, so a run that
+    needs nothing downstream stops there. With `keep_graph`, captures stay in the autograd graph (a metric computed from them can be differentiated).
     A gradient is cut, cast and moved like the activation; each backward pass that reaches the point replaces
     it (as TransformerLens's backward-hook caches do), and it is also set as the `.grad` of the captured
     activation when that point was captured too.
@@ -131,9 +136,12 @@ class Recorder:
         self.dtype = dtype
         self.keep_graph = keep_graph
         self.grad_names = grad_names
+        self.stop_when_recorded: frozenset[str] | None = None
 
     def record(self, point: HookPoint, activation: torch.Tensor) -> None:
         self.activations[point.name] = self._keep(point, activation if self.keep_graph else activation.detach())
+        if self.stop_when_recorded is not None and self.stop_when_recorded.issubset(self.activations):
+            raise AllRecorded
 
     def watch(self, point: HookPoint, activation: torch.Tensor) -> torch.Tensor:
         """An identity node standing for `activation` downstream, whose gradient is recorded in the backward pass.

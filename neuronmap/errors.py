@@ -58,3 +58,8 @@ class LoadError(NeuronMapError, ValueError):
 class WeightError(NeuronMapError, AttributeError):
     """A weight a model does not have in TransformerLens's form: no adapter for its family, no learned position
     embeddings (rotary positions), or no unembedding (a bare encoder)."""
+
+
+class StoreError(NeuronMapError, ValueError):
+    """An activation store that cannot be written or read as asked: not a store, made by another extraction, held by
+    another writer, or a write that failed (the store then keeps every batch committed before it)."""

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .architectures import adapter_for
-from .capture import Positions, PositionSelection, Recorder
+from .capture import AllRecorded, Positions, PositionSelection, Recorder
 from .errors import HookNameError, InputError, InterventionError, LoadError, NeuronMapError
 from .hooks import Action, HookPoint, attached
 from .inputs import Batch, Inputs, to_batch, token_strings
@@ -154,6 +154,7 @@ class Model:
         capture_positions: Positions = None,
         grad: bool = False,
         capture_grad: Names | None = None,
+        stop_early: bool = False,
     ) -> Trace:
         """Run one forward pass and return its `Trace`.
 
@@ -166,6 +167,8 @@ class Model:
         prompt's last real token), keeping the position dimension; a position outside the inputs is an error.
         `grad=True` runs with autograd on, and captures stay in the graph. `capture_grad` names hook points
         whose gradients a later `.backward()` records: `trace.grad(name)` (implies `grad=True`).
+        `stop_early=True` ends the forward pass as soon as everything in `capture` is recorded, skipping the
+        layers and unembedding after it (as TransformerLens's `stop_at_layer`); the trace then has no output.
         """
         batch = self._batch(inputs, attention_mask)
         length = batch.tokens.shape[1] if self._config is not None else None
@@ -174,10 +177,17 @@ class Model:
         selection = PositionSelection(capture_positions, batch, length)
         recorder = Recorder(selection, capture_device, capture_dtype, keep_graph=grad, grad_names=grad_names)
         capture_names = self.resolve(capture) if capture is not None else []
+        if stop_early and not capture_names:
+            raise InputError("stop_early=True needs something to capture: the run would stop before it starts")
+        recorder.stop_when_recorded = frozenset(capture_names) if stop_early else None
         actions = self._actions(capture_names, interventions or {}, recorder)
         batch = batch.to(self.device)
+        output = None
         with self._attach(actions), torch.set_grad_enabled(grad):
-            output = self._forward(batch)
+            try:
+                output = self._forward(batch)
+            except AllRecorded:
+                pass
         return Trace(output, batch, recorder, self.tokenizer, self.name, self.hook_names)
 
     @contextlib.contextmanager
