@@ -93,16 +93,20 @@ def extract(
     with WriterLock(target):
         if overwrite:
             target.unlink(missing_ok=True)
-        if target.exists():
-            file = layout.reopen(target, metadata)
-        else:
-            file = layout.create(target, metadata, shapes, dtype, compression, _vocabulary(model))
-        try:
-            if not layout.Progress.read(file).complete:
+        created = not target.exists()
+        if created or not _finished(layout.existing(target, metadata), shard.count, target):
+            file = layout.create(target, metadata, shapes, dtype, compression, _vocabulary(model)) if created else (
+                layout.reopen(target))
+            try:
                 run = _Extraction(model, names, file, dtype, positions, batch_size)
                 documents_in = itertools.islice(docs.open(), shard.first, shard.stop)
                 run.run(windows(documents_in, model.tokenizer, context, shard.first), shard.count, progress)
-        finally:
+            except BaseException:
+                nothing_committed = _committed_documents(file) == 0
+                _close_after_failure(file)
+                if created and nothing_committed:
+                    target.unlink(missing_ok=True)  # a failure before the first batch leaves no file behind
+                raise
             file.close()
     if shard.world > 1:
         join_shards(path, shard)
@@ -243,6 +247,16 @@ def model_identity(model: Model) -> dict:
     }
 
 
+def _finished(progress: layout.Progress, count: int | None, path: Path) -> bool:
+    """Whether the store is complete; a complete one made from visibly other inputs is an error."""
+    if progress.complete and count is not None and count != progress.documents:
+        raise StoreError(
+            f"{str(path)!r} holds a finished extraction of {progress.documents:,} documents and these inputs hold "
+            f"{count:,}; pass overwrite=True (--overwrite) to replace it"
+        )
+    return progress.complete
+
+
 def _feature_shapes(model: Model, names: list[str]) -> dict[str, tuple[int, ...]]:
     """Each hook's per-token shape, from a one-token run; hooks without one row per token are refused here."""
     trace = model.run(torch.zeros((1, 1), dtype=torch.long), capture=names, stop_early=True)
@@ -345,6 +359,21 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
+
+
+def _committed_documents(file: h5py.File) -> int | None:
+    try:
+        return layout.Progress.read(file).documents
+    except (OSError, RuntimeError, KeyError):  # a file HDF5 failed to write: what it holds is decided when reopened
+        return None
+
+
+def _close_after_failure(file: h5py.File) -> None:
+    """Close a store whose extraction failed; the failure itself is what the caller reports."""
+    try:
+        file.close()
+    except (OSError, RuntimeError):
+        pass
 
 
 def _first_line(error: BaseException) -> str:

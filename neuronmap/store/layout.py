@@ -34,8 +34,9 @@ VOCAB = "vocab"
 ROW_COLUMNS = {"tokens": np.int32, "document": np.int64, "position": np.int32}
 STORAGE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "uint16"}
 """Torch dtype -> HDF5 storage type. bfloat16 has no HDF5 or numpy type: its bits are stored as uint16."""
-MUST_MATCH = ("model", "hooks", "dtype", "context_length", "positions", "inputs", "shard", "shards")
-"""Metadata keys a resumed extraction must share with the store it continues."""
+MUST_MATCH = ("model", "hooks", "dtype", "context_length", "positions", "shard", "shards")
+"""Metadata keys a resumed extraction must share with the store it continues. (The inputs are checked by content:
+a resumed run compares the documents it skips with the tokens stored.)"""
 _CHUNK_BYTES = 1 << 20
 
 
@@ -128,21 +129,30 @@ def create(path: Path, metadata: dict, shapes: Mapping[str, Sequence[int]], dtyp
     return file
 
 
-def reopen(path: Path, metadata: dict) -> h5py.File:
-    """An existing store at `path`, checked against `metadata`, cut back to its committed rows and put in SWMR mode.
-
-    A store whose writer was killed cannot be opened for writing by HDF5 (its superblock still says it is being
-    written): its committed rows are first copied into a fresh file that replaces it.
-    """
+def existing(path: Path, metadata: dict) -> Progress:
+    """How far the store at `path` got, once it is checked to be a store of the same extraction as `metadata`."""
     if not h5py.is_hdf5(path):
         raise StoreError(
             f"{str(path)!r} exists and is not an HDF5 file; it was left untouched: choose another path or delete it"
         )
     with open_for_reading(path)[0] as file:
         check_compatible(read_metadata(file, path), metadata, path)
+        return Progress.read(file)
+
+
+def reopen(path: Path) -> h5py.File:
+    """An existing, unfinished store at `path`, cut back to its committed rows and put in SWMR mode for writing.
+
+    A store whose writer was killed cannot be opened for writing by HDF5 (its superblock still says it is being
+    written): its committed rows are first copied into a fresh file that replaces it.
+    """
     try:
         file = h5py.File(path, "r+", libver="latest")
     except OSError as error:
+        if "already open for read-only" in str(error):
+            raise StoreError(
+                f"{str(path)!r} is open for reading in this process: close it (store.close()) to resume writing it"
+            ) from None
         if not _open_for_write(error):
             raise StoreError(f"cannot open {str(path)!r} for writing: {_first_line(error)}") from None
         _recover(path)  # the caller holds the writer's lock: the writer HDF5 remembers is dead

@@ -188,11 +188,15 @@ class ActivationStore(Renders):
         drop_last: bool = False,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
-    ) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
+        with_rows: bool = False,
+    ) -> Iterator[torch.Tensor | dict[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor | dict[str, torch.Tensor]]]:
         """Minibatches of rows: a tensor `[batch_size, *features]` for one hook, a dict by hook for several (the
-        same rows in each). Shuffled, every row comes exactly once per epoch: whole chunks are read in a random
-        order into a buffer of about `buffer_rows` rows (default: 16 batches, at most 256 MiB), whose rows are
-        shuffled and served. The same `seed` gives the same batches. `epochs=None` repeats forever."""
+        same rows in each); with `with_rows`, `(row indices, batch)` pairs, so each row can be traced to its token.
+
+        Shuffled, every row comes exactly once per epoch: whole chunks are read in a random order into a buffer of
+        about `buffer_rows` rows (default: 16 batches, at most 256 MiB), whose rows are shuffled and served, so the
+        disk is read sequentially. The same `seed` gives the same batches. `epochs=None` repeats forever.
+        """
         names = [hooks] if isinstance(hooks, str) else list(hooks) if hooks is not None else self.hooks
         views = [self[name] for name in names]
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -204,24 +208,27 @@ class ActivationStore(Renders):
         if buffer_rows is None:
             buffer_rows = max(batch_size, min(16 * batch_size, (256 << 20) // max(1, row_bytes)))
         blocks_per_fill = max(1, -(-buffer_rows // block))
+        readers = [lambda a, b: np.arange(a, b)] + [view.read for view in views]
         epoch = 0
         while epochs is None or epoch < epochs:
             rng = np.random.default_rng([seed, epoch])
-            for batch in self._epoch(views, block, blocks_per_fill, batch_size, rng if shuffle else None, drop_last):
-                tensors = {v.hook: _moved(v.to_torch(a), dtype, device) for v, a in zip(views, batch)}
-                yield tensors[names[0]] if isinstance(hooks, str) else tensors
+            for rows, *arrays in self._epoch(readers, block, blocks_per_fill, batch_size, rng if shuffle else None,
+                                             drop_last):
+                tensors = {v.hook: _moved(v.to_torch(a), dtype, device) for v, a in zip(views, arrays)}
+                batch = tensors[names[0]] if isinstance(hooks, str) else tensors
+                yield (torch.from_numpy(rows), batch) if with_rows else batch
             epoch += 1
 
-    def _epoch(self, views: list[HookView], block: int, blocks_per_fill: int, batch_size: int,
-               rng: np.random.Generator | None, drop_last: bool) -> Iterator[list[np.ndarray]]:
+    def _epoch(self, readers: list, block: int, blocks_per_fill: int, batch_size: int, rng: np.random.Generator | None,
+               drop_last: bool) -> Iterator[list[np.ndarray]]:
         n = len(self)
         order = np.arange(-(-n // block))
         if rng is not None:
             order = rng.permutation(order)
-        carry = [view.read(0, 0) for view in views]
+        carry = [read(0, 0) for read in readers]
         for fill in range(0, len(order), blocks_per_fill):
             spans = [(int(b) * block, min(n, (int(b) + 1) * block)) for b in order[fill : fill + blocks_per_fill]]
-            buffer = [np.concatenate([c] + [view.read(a, b) for a, b in spans]) for view, c in zip(views, carry)]
+            buffer = [np.concatenate([c] + [read(a, b) for a, b in spans]) for read, c in zip(readers, carry)]
             if rng is not None:
                 shuffled = rng.permutation(len(buffer[0]))
                 buffer = [array[shuffled] for array in buffer]

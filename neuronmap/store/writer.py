@@ -21,7 +21,7 @@ from ..errors import StoreError
 
 class WriterLock:
     """An exclusive lock on `<store>.lock`, held while a process writes the store; the kernel drops it when the
-    process dies, however it dies. The file is removed when the writer finishes cleanly."""
+    process dies, however it dies. The file is removed when the writer stops."""
 
     def __init__(self, store: Path):
         self.path = store.with_name(store.name + ".lock")
@@ -44,8 +44,7 @@ class WriterLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if exc[0] is None:
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
         self._handle.close()  # closing releases the lock
 
     @staticmethod

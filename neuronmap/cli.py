@@ -1,0 +1,138 @@
+"""The `neuronmap` command line (also `python -m neuronmap`). Errors are one line on stderr with exit status 1
+(argparse's usage errors exit with 2); `--debug` shows the traceback instead."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .errors import NeuronMapError
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    arguments = parser.parse_args(argv)
+    arguments.argv = argv
+    if arguments.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return arguments.run(arguments)
+    except (NeuronMapError, OSError) as error:
+        if arguments.debug:
+            raise
+        print(f"neuronmap {arguments.command}: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"neuronmap {arguments.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neuronmap", description="Look inside transformer models.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    extract = commands.add_parser(
+        "extract",
+        help="stream activations at some hook points for a dataset into an HDF5 activation store",
+        description="Stream a dataset's activations at some hook points into an HDF5 activation store. An "
+        "interrupted extraction continues with --resume; under torchrun (or with --processes N) each process "
+        "writes a shard of the documents and the output file joins them.",
+    )
+    extract.add_argument("model", help="zoo name, local directory or hub id")
+    extract.add_argument("--hooks", action="append", required=True, metavar="PATTERN",
+                         help="hook name or glob pattern, e.g. 'blocks.*.hook_resid_post' (repeat for more)")
+    extract.add_argument("--input", required=True, metavar="PATH",
+                         help="text file (one document per line) or JSON-lines file (.jsonl) with a text field")
+    extract.add_argument("--out", required=True, metavar="PATH", help="the store to write (.h5)")
+    extract.add_argument("--text-field", default="text", help="the JSON-lines field holding the text (default: text)")
+    extract.add_argument("--batch-size", type=int, default=16, help="context windows per forward pass (default: 16)")
+    extract.add_argument("--context-length", type=int, default=None,
+                         help="window length; longer documents are split (default: the model's context)")
+    extract.add_argument("--positions", default="all", type=_positions,
+                         help="which positions of each window to keep: all, last, an int, or START:STOP")
+    extract.add_argument("--dtype", choices=sorted(DTYPES), default="float16", help="storage dtype (default: float16)")
+    extract.add_argument("--compression", choices=["gzip", "lzf"], default=None, help="compress the store's chunks")
+    extract.add_argument("--device", default=None, help="where the model runs (default: cuda if available, else cpu)")
+    existing = extract.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the store at --out if it exists")
+    existing.add_argument("--overwrite", action="store_true", help="replace the store at --out if it exists")
+    extract.add_argument("--processes", type=int, default=1,
+                         help="launch this many processes with torchrun, each extracting a shard (default: 1)")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar")
+    extract.add_argument("--debug", action="store_true", help="show tracebacks")
+    extract.set_defaults(run=_extract)
+    parser.set_defaults(debug=False)
+    return parser
+
+
+def _positions(text: str):
+    if text in ("all", "last"):
+        return None if text == "all" else "last"
+    try:
+        if ":" in text:
+            start, stop = (int(part) if part else None for part in text.split(":", 1))
+            return slice(start, stop)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not all, last, an int or START:STOP") from None
+
+
+def _extract(arguments: argparse.Namespace) -> int:
+    from . import load
+    from .store import extract
+
+    if arguments.processes > 1:
+        return _launch(arguments.processes, arguments.argv)
+    if os.path.exists(arguments.out) and not (arguments.resume or arguments.overwrite):
+        raise NeuronMapError(f"{arguments.out} exists: pass --resume to continue it or --overwrite to replace it")
+    model = load(arguments.model)
+    model.module.to(_device(arguments.device))
+    started = time.perf_counter()
+    store = extract(
+        model, arguments.input, arguments.hooks, arguments.out, batch_size=arguments.batch_size,
+        context_length=arguments.context_length, positions=arguments.positions, dtype=DTYPES[arguments.dtype],
+        compression=arguments.compression, text_field=arguments.text_field, overwrite=arguments.overwrite,
+        progress=not arguments.no_progress,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        elapsed = time.perf_counter() - started
+        print(f"{store!r}\n{len(store):,} rows in {elapsed:.1f} s ({len(store) / elapsed:,.0f} rows/s); read it with "
+              f"neuronmap.open_store({arguments.out!r})")
+    store.close()
+    return 0
+
+
+def _device(requested: str | None) -> torch.device:
+    if requested is not None:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _launch(processes: int, argv: list[str]) -> int:
+    """Run this same command under torchrun with `processes` processes on this machine."""
+    if "WORLD_SIZE" in os.environ:
+        raise NeuronMapError("--processes starts torchrun itself: leave it out when running under torchrun")
+    kept, skip = [], False
+    for argument in argv:
+        if skip or argument.startswith("--processes"):
+            skip = argument == "--processes"
+            continue
+        kept.append(argument)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "neuronmap", *kept]
+    return subprocess.call(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
