@@ -97,12 +97,13 @@ def extract(
         if created or not _finished(layout.existing(target, metadata), shard.count, target):
             file = layout.create(target, metadata, shapes, dtype, compression, _vocabulary(model)) if created else (
                 layout.reopen(target))
+            run = None
             try:
-                run = _Extraction(model, names, file, dtype, positions, batch_size)
+                run = _Extraction(model, names, file, target, dtype, positions, batch_size)
                 documents_in = itertools.islice(docs.open(), shard.first, shard.stop)
                 run.run(windows(documents_in, model.tokenizer, context, shard.first), shard.count, progress)
             except BaseException:
-                nothing_committed = _committed_documents(file) == 0
+                nothing_committed = run is None or run.committed.documents == 0
                 _close_after_failure(file)
                 if created and nothing_committed:
                     target.unlink(missing_ok=True)  # a failure before the first batch leaves no file behind
@@ -128,9 +129,10 @@ class _Batch:
 class _Extraction:
     """The extraction loop of one process: batches windows, runs them, and feeds the writer."""
 
-    def __init__(self, model: Model, names: list[str], file: h5py.File, dtype: torch.dtype, positions: StorePositions,
-                 batch_size: int):
+    def __init__(self, model: Model, names: list[str], file: h5py.File, path: Path, dtype: torch.dtype,
+                 positions: StorePositions, batch_size: int):
         self.model = model
+        self.path = path
         self.names = names
         self.file = file
         self.dtype = dtype
@@ -164,7 +166,7 @@ class _Extraction:
             try:
                 writer.close()
             except (OSError, RuntimeError) as error:
-                committed = layout.Progress.read(self.file)
+                committed = self.committed  # (the file is not read again: HDF5 may be unusable after a failed write)
                 raise StoreError(
                     f"writing the store failed ({_first_line(error)}); it keeps the {committed.rows:,} rows of "
                     f"{committed.documents:,} documents committed before the failure and stays readable: free "
@@ -175,6 +177,7 @@ class _Extraction:
         host, ready, buffers, columns, document_starts, n_windows, complete = item
         ready()
         arrays = {name: _numpy(tensor) for name, tensor in host.items()}
+        layout.check_space(self.file, self.path, arrays)
         self.committed = layout.append(self.file, self.committed, arrays, columns, document_starts, n_windows, complete)
         self.offload.release(buffers)
 
@@ -359,13 +362,6 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
     return tensor.numpy()
-
-
-def _committed_documents(file: h5py.File) -> int | None:
-    try:
-        return layout.Progress.read(file).documents
-    except (OSError, RuntimeError, KeyError):  # a file HDF5 failed to write: what it holds is decided when reopened
-        return None
 
 
 def _close_after_failure(file: h5py.File) -> None:

@@ -12,8 +12,10 @@ past them, so a killed writer leaves a file whose committed rows are exactly tho
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +189,21 @@ def append(file: h5py.File, progress: Progress, activations: Mapping[str, np.nda
     file[PROGRESS][:] = committed.array()
     file.flush()
     return committed
+
+
+def check_space(file: h5py.File, path: Path, activations: Mapping[str, np.ndarray]) -> None:
+    """Refuse a batch the disk (or the process's file-size limit) cannot take, before HDF5 writes any of it: HDF5
+    does not recover from a failed write, so it must not start one that cannot finish. Counts the rows, a fresh
+    chunk per dataset (HDF5 allocates whole chunks) and a metadata margin."""
+    chunks = sum(int(np.prod(d.chunks, dtype=np.int64)) * d.dtype.itemsize for d in file[ACTIVATIONS].values())
+    needed = sum(a.nbytes for a in activations.values()) + chunks + (1 << 20)
+    stat = os.statvfs(path.parent)
+    room = stat.f_bavail * stat.f_frsize
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        room = min(room, limit - os.path.getsize(path))
+    if needed > room:
+        raise OSError(errno.ENOSPC, f"no space for the next batch: it needs {needed:,} bytes and {max(room, 0):,} are left")
 
 
 def _extend(dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
