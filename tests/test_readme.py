@@ -1,4 +1,4 @@
-"""The README's quickstart runs as written, and prints what its comments say it prints."""
+"""The README's quickstart and store example run as written, and print what their comments say they print."""
 
 from __future__ import annotations
 
@@ -6,22 +6,27 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = re.compile(r"^print\(.*\)\s+# → (.+?)(?::\s.*)?$")  # `# → value` or `# → value: what it means`
 
 
-def quickstart() -> str:
-    """The python block after the `<!-- quickstart -->` marker."""
+def block(marker: str) -> str:
+    """The python block after the `<!-- marker -->` line (indented blocks inside a list item are dedented)."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    return re.search(r"<!-- quickstart -->\n```python\n(.+?)\n```", readme, re.S).group(1)
+    found = re.search(rf"<!-- {marker} -->\n( *)```python\n(.+?)\n\1```", readme, re.S)
+    return textwrap.dedent(found.group(2))
 
 
-def test_the_quickstart_runs_offline_and_prints_what_its_comments_say(tmp_path):
-    code = quickstart()
+@pytest.mark.parametrize("marker, prints", [("quickstart", 5), ("store-example", 3)])
+def test_the_readme_examples_run_offline_and_print_what_their_comments_say(tmp_path, marker, prints):
+    code = block(marker)
     expected = [m.group(1).strip() for line in code.splitlines() if (m := EXPECTED.match(line.strip()))]
-    assert len(expected) >= 5, "the quickstart should show what its prints print"
+    assert len(expected) >= prints, "the example should show what its prints print"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

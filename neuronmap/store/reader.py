@@ -252,7 +252,7 @@ class ActivationStore(Renders):
     def __repr__(self) -> str:
         status = "" if self.progress.complete else f", {self.status}"
         return (
-            f"ActivationStore({self.path.name!r}: {self.model_name!r}, {len(self.hooks)} hooks, {len(self):,} tokens, "
+            f"ActivationStore({self.path.name!r}, model {self.model_name!r}, {len(self.hooks)} hooks, {len(self):,} tokens, "
             f"{self.progress.documents:,} documents, {self.metadata['dtype']}, "
             f"{format_bytes(self.nbytes_on_disk)} on disk{status})"
         )
