@@ -191,3 +191,7 @@ def test_two_torchrun_processes_give_the_single_process_store(tmp_path):
     batches = [list(store.batches("blocks.1.hook_resid_post", 64, seed=5)) for store in (one, two)]
     assert all(torch.equal(a, b) for a, b in zip(*batches))
     assert "2 shards" in two._repr_html_()
+    two.close()
+    (tmp_path / "two.h5.shards" / "rank-00001-of-00002.h5").unlink()
+    with pytest.raises(nm.StoreError, match="shards that are missing: two.h5.shards/rank-00001-of-00002.h5"):
+        nm.open_store(tmp_path / "two.h5")

@@ -96,6 +96,9 @@ class ActivationStore(Renders):
         self._file, self._unfinished_writer = layout.open_for_reading(self.path)
         try:
             self.metadata = layout.read_metadata(self._file, self.path)
+            missing = [s for s in self.metadata.get("shards", []) if not (self.path.parent / s).is_file()]
+            if missing:  # HDF5 would read a missing shard's rows as zeros
+                raise StoreError(f"{self.path.name!r} joins shards that are missing: {', '.join(missing)}")
         except StoreError:
             self._file.close()
             raise
