@@ -142,6 +142,10 @@ def test_token_tensors_one_stream_or_one_document_per_row(model, tmp_path):
     rows = stream[:90].reshape(3, 30)
     store = nm.extract(model, rows, "blocks.0.hook_resid_post", tmp_path / "r.h5", progress=False)
     assert store.documents.tolist() == [0, 30, 60, 90] and torch.equal(store.tokens, rows.flatten())
+    ragged = [row[: 10 + 5 * i].tolist() for i, row in enumerate(rows)]  # lists of ids, of different lengths
+    other = nm.extract(model, ragged, "blocks.0.hook_resid_post", tmp_path / "l.h5", batch_size=2, progress=False)
+    windows = [(d, 0, ids) for d, ids in enumerate(ragged)]
+    assert torch.equal(other["blocks.0.hook_resid_post"][:], reference(model, windows, 2, "blocks.0.hook_resid_post"))
 
 
 def test_lazy_view_reads_only_what_is_asked(model, tmp_path):

@@ -45,7 +45,8 @@ class Window:
 def documents(inputs: Source, text_field: str = "text") -> Documents:
     """Recognise `inputs`: a text file (one document per line), a JSON-lines file (`.jsonl`/`.json`, the
     `text_field` of each record), a token tensor (`[pos]`: one document, `[documents, pos]`: one per row), a list
-    of strings, or any iterable of strings or of records holding `text_field` (an HF `datasets` column works)."""
+    of strings, or any iterable of strings, of lists of token ids, or of records holding `text_field` (an HF
+    `datasets` dataset or column works)."""
     if isinstance(inputs, (str, os.PathLike)):
         return _file(Path(inputs), text_field)
     if isinstance(inputs, torch.Tensor):
@@ -65,16 +66,18 @@ def documents(inputs: Source, text_field: str = "text") -> Documents:
     )
 
 
-def _text(item: Any, field: str, index: int) -> str:
+def _text(item: Any, field: str, index: int) -> str | list[int]:
     if isinstance(item, str):
         return item
+    if isinstance(item, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in item):
+        return list(item)  # a document given as token ids
     if isinstance(item, Mapping):
         if field not in item:
             raise InputError(f"document {index} has no field {field!r} (it has {sorted(item)[:8]}); set text_field")
         item = item[field]
         if isinstance(item, str):
             return item
-    raise InputError(f"document {index} is a {type(item).__name__}, not a string")
+    raise InputError(f"document {index} is a {type(item).__name__}, not a string (or a list of token ids)")
 
 
 def _file(path: Path, text_field: str) -> Documents:
