@@ -31,7 +31,6 @@ from harness import resident, timed  # noqa: E402
 
 import neuronmap as nm  # noqa: E402
 
-HOOKS = "blocks.*.hook_resid_post"
 
 
 def build(seed: int = 0) -> torch.nn.Module:
@@ -52,9 +51,10 @@ def bare(module: torch.nn.Module, rows: torch.Tensor, batch: int, body_only: boo
             run(input_ids=rows[start : start + batch], use_cache=False)
 
 
-def extract(model: nm.Model, rows: torch.Tensor, batch: int, path: Path, compression: str | None = None) -> nm.ActivationStore:
-    return nm.extract(model, rows, HOOKS, path, batch_size=batch, context_length=rows.shape[1], dtype=torch.float16,
-                      compression=compression, overwrite=True, progress=False)
+def extract(model: nm.Model, rows: torch.Tensor, args: argparse.Namespace, path: Path,
+            compression: str | None = None) -> nm.ActivationStore:
+    return nm.extract(model, rows, args.hooks, path, batch_size=args.batch, context_length=rows.shape[1],
+                      dtype=torch.float16, compression=compression, overwrite=True, progress=False)
 
 
 def throughput(args: argparse.Namespace, out: Path) -> dict:
@@ -64,10 +64,10 @@ def throughput(args: argparse.Namespace, out: Path) -> dict:
     calls = {
         "bare forward (logits)": lambda: bare(module, rows, args.batch, body_only=False),
         "bare forward (no unembedding)": lambda: bare(module, rows, args.batch, body_only=True),
-        "extract": lambda: extract(model, rows, args.batch, out / "round.h5").close(),
+        "extract": lambda: extract(model, rows, args, out / "round.h5").close(),
     }
     if args.lzf:
-        calls["extract, lzf"] = lambda: extract(model, rows, args.batch, out / "round.h5", "lzf").close()
+        calls["extract, lzf"] = lambda: extract(model, rows, args, out / "round.h5", "lzf").close()
     walls = {name: [] for name in calls}
     cpus = {name: [] for name in calls}
     names = list(calls)
@@ -100,11 +100,11 @@ def full_size(args: argparse.Namespace, out: Path) -> dict:
     before = resident()
     bare(module, rows[: 4 * args.batch], args.batch, body_only=False)  # the forward's own high-water mark
     forward_peak = resident()["VmHWM"]
-    wall, cpu, store = timed(lambda: extract(model, rows, args.batch, out / "full.h5"))
+    wall, cpu, store = timed(lambda: extract(model, rows, args, out / "full.h5"))
     after = resident()
     size = os.path.getsize(out / "full.h5")
     read = {}
-    for label, hooks in (("all 12 hooks", None), ("one hook", "blocks.6.hook_resid_post")):
+    for label, hooks in ((f"all {len(store.hooks)} hooks", None), ("one hook", store.hooks[-1])):
         start = time.perf_counter()
         served = sum(len(b if hooks else next(iter(b.values()))) for b in store.batches(hooks, 4096, seed=0))
         seconds = time.perf_counter() - start
@@ -120,6 +120,7 @@ def full_size(args: argparse.Namespace, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hooks", default="blocks.*.hook_resid_post", help="hook name or pattern to extract")
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--round-tokens", type=int, default=32_768)
     parser.add_argument("--rounds", type=int, default=3)
