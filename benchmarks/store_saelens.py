@@ -191,7 +191,7 @@ def plan(args) -> dict:
 def load_batches(args, pl):
     import torch
 
-    tokens = torch.load(paths(args.out_dir)["tokens"])
+    tokens = torch.load(paths(args.out_dir)["tokens"], weights_only=True)
     rows = tokens[: pl["n_batches"] * args.batch]
     return rows, list(rows.split(args.batch))
 

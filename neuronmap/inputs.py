@@ -82,9 +82,9 @@ def _tokenize(texts: list[str], tokenizer: Any, padding_side: str | None = None)
     if any(len(row) == 0 for row in rows):
         raise InputError("an input string is empty (it tokenises to no tokens)")
     width = max(len(row) for row in rows)
-    pad_id = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     left = (padding_side or getattr(tokenizer, "padding_side", "right")) == "left"
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         span = slice(width - len(row), width) if left else slice(0, len(row))
@@ -100,8 +100,9 @@ def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [tokenizer.decode([int(i)]) for i in ids]
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's padding token, else its end-of-text token, else 0."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if candidate is not None:
             return int(candidate)
     return 0

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError, StoreError
-from ..inputs import token_strings
+from ..inputs import pad_id, token_strings
 from ..model import Model, Names, load
 from . import layout
 from .reader import ActivationStore
@@ -139,7 +139,7 @@ class _Extraction:
         self.select = _selector(positions)
         self.batch_size = batch_size
         self.committed = layout.Progress.read(file)
-        self.pad = _pad_id(model.tokenizer)
+        self.pad = pad_id(model.tokenizer)
         self.offload = Offload(model.device, slots=3)
 
     def run(self, stream: Iterator[Window], total_documents: int | None, show_progress: bool) -> None:
@@ -168,7 +168,7 @@ class _Extraction:
             except (OSError, RuntimeError) as error:
                 committed = self.committed  # (the file is not read again: HDF5 may be unusable after a failed write)
                 raise StoreError(
-                    f"writing the store failed ({_first_line(error)}); it keeps the {committed.rows:,} rows of "
+                    f"writing the store failed ({layout.first_line(error)}); it keeps the {committed.rows:,} rows of "
                     f"{committed.documents:,} documents committed before the failure and stays readable: free "
                     "space and run the same call again to resume"
                 ) from error
@@ -176,7 +176,7 @@ class _Extraction:
     def _write(self, item: tuple) -> None:
         host, ready, buffers, columns, document_starts, n_windows, complete = item
         ready()
-        arrays = {name: _numpy(tensor) for name, tensor in host.items()}
+        arrays = {name: layout.to_storage(tensor) for name, tensor in host.items()}
         layout.check_space(self.file, self.path, arrays)
         self.committed = layout.append(self.file, self.committed, arrays, columns, document_starts, n_windows, complete)
         self.offload.release(buffers)
@@ -193,11 +193,11 @@ class _Extraction:
         tokens = torch.full((len(filled), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(filled), width), dtype=torch.long)
         flat, columns, starts = [], {c: [] for c in layout.ROW_COLUMNS}, []
-        row_in_batch = 0
+        row_in_batch, stored = 0, first_row
         for window in group:
             kept = np.asarray(self.select(len(window.tokens)), dtype=np.int64)
             if window.start == 0:
-                starts.append(first_row + sum(len(c) for c in columns["tokens"]))
+                starts.append(stored)
             if window.tokens:
                 ids = np.asarray(window.tokens, dtype=np.int64)
                 tokens[row_in_batch, : len(ids)] = torch.from_numpy(ids)
@@ -206,6 +206,7 @@ class _Extraction:
                 columns["tokens"].append(ids[kept])
                 columns["document"].append(np.full(len(kept), window.document))
                 columns["position"].append(window.start + kept)
+                stored += len(kept)
                 row_in_batch += 1
         rows = torch.from_numpy(np.concatenate(flat)) if flat else torch.zeros(0, dtype=torch.long)
         joined = {c: np.concatenate(v).astype(kind) if v else np.zeros(0, dtype=kind)
@@ -351,29 +352,12 @@ def _vocabulary(model: Model) -> list[str]:
     return texts + [""] * (size - known)
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(np.uint16)
-    return tensor.numpy()
-
-
 def _close_after_failure(file: h5py.File) -> None:
     """Close a store whose extraction failed; the failure itself is what the caller reports."""
     try:
         file.close()
     except (OSError, RuntimeError):
         pass
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _version() -> str:

@@ -97,7 +97,7 @@ def open_for_reading(path: os.PathLike | str) -> tuple[h5py.File, bool]:
         return h5py.File(path, "r"), False
     except OSError as error:
         if not _open_for_write(error):
-            raise StoreError(f"cannot open {str(path)!r}: {_first_line(error)}") from None
+            raise StoreError(f"cannot open {str(path)!r}: {first_line(error)}") from None
     return h5py.File(path, "r", swmr=True), True
 
 
@@ -156,7 +156,7 @@ def reopen(path: Path) -> h5py.File:
                 f"{str(path)!r} is open for reading in this process: close it (store.close()) to resume writing it"
             ) from None
         if not _open_for_write(error):
-            raise StoreError(f"cannot open {str(path)!r} for writing: {_first_line(error)}") from None
+            raise StoreError(f"cannot open {str(path)!r} for writing: {first_line(error)}") from None
         _recover(path)  # the caller holds the writer's lock: the writer HDF5 remembers is dead
         file = h5py.File(path, "r+", libver="latest")
     _truncate(file, Progress.read(file))
@@ -257,8 +257,23 @@ def _open_for_write(error: OSError) -> bool:
     return "already open for write" in message or "consistency flags" in message
 
 
-def _first_line(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+def first_line(error: BaseException) -> str:
+    """An error's first line, for one-line messages (HDF5's run over several)."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def to_storage(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the array HDF5 stores (bfloat16 as its uint16 bits)."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(np.uint16)
+    return tensor.numpy()
+
+
+def from_storage(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Stored rows back as a tensor of `dtype` (undoing `to_storage`)."""
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _short(value: object) -> str:

@@ -54,9 +54,7 @@ class HookView:
         return self.dataset[start:stop]
 
     def to_torch(self, array: np.ndarray) -> torch.Tensor:
-        if self.dtype == torch.bfloat16:
-            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(array)
+        return layout.from_storage(array, self.dtype)
 
     def _rows(self, index: Rows) -> torch.Tensor:
         n = self.shape[0]
