@@ -4,7 +4,7 @@ The public API is re-exported here; everything else is private to its module. He
 (plotly, scikit-learn, h5py, anywidget) are imported where they are first used, so `import neuronmap` stays light.
 """
 
-from . import circuits, patching, store, zoo
+from . import circuits, patching, sae, store, zoo
 from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
 from .circuits import CircuitGraph
 from .errors import (
@@ -14,12 +14,14 @@ from .errors import (
     LoadError,
     NeuronMapError,
     NotCapturedError,
+    SAEError,
     StoreError,
     WeightError,
 )
 from .hooks import HookPoint
 from .model import Model, load
 from .patching import PatchingResult, patch
+from .sae import SAE
 from .trace import Trace
 from .weights import Weights
 
@@ -49,6 +51,8 @@ __all__ = [
     "NotCapturedError",
     "StoreError",
     "PatchingResult",
+    "SAE",
+    "SAEError",
     "Trace",
     "WeightError",
     "Weights",
@@ -61,6 +65,7 @@ __all__ = [
     "patch",
     "patching",
     "repeated_random_tokens",
+    "sae",
     "store",
     "zoo",
 ]

@@ -63,3 +63,8 @@ class WeightError(NeuronMapError, AttributeError):
 class StoreError(NeuronMapError, ValueError):
     """An activation store that cannot be written or read as asked: not a store, made by another extraction, held by
     another writer, or a write that failed (the store then keeps every batch committed before it)."""
+
+
+class SAEError(NeuronMapError, ValueError):
+    """A sparse autoencoder that cannot be built, loaded, trained or spliced as asked: a width that does not match its
+    hook, a file that is not an SAE (or a truncated one), an unknown architecture or field, or a loss that diverged."""

@@ -24,6 +24,8 @@ from .weights import Weights
 
 Names = Union[str, Iterable[str]]
 Intervention = Union[Callable[[torch.Tensor, HookPoint], Union[torch.Tensor, None]], torch.Tensor]
+Saes = Union[Any, Iterable[Any], Mapping[str, Any]]
+"""Sparse autoencoders to splice in: one, a list (each at its `cfg.hook_name`), or hook name -> SAE."""
 
 
 def _tl_weight(name: str) -> property:
@@ -69,6 +71,7 @@ class Model:
         self.architecture, adapter = adapter_for(module)
         self._points: dict[str, HookPoint] = {p.name: p for p in adapter(module)}
         self._attached: list[str] = []
+        self._splices: dict[str, _Splice] = {}
         config = getattr(module, "config", None)
         self._config = config
         self._max_length = _context_length(config)
@@ -155,6 +158,8 @@ class Model:
         grad: bool = False,
         capture_grad: Names | None = None,
         stop_early: bool = False,
+        saes: Saes | None = None,
+        use_error_term: bool = False,
     ) -> Trace:
         """Run one forward pass and return its `Trace`.
 
@@ -169,7 +174,15 @@ class Model:
         whose gradients a later `.backward()` records: `trace.grad(name)` (implies `grad=True`).
         `stop_early=True` ends the forward pass as soon as everything in `capture` is recorded, skipping the
         layers and unembedding after it (as TransformerLens's `stop_at_layer`); the trace then has no output.
+        `saes` splices sparse autoencoders in for this run, as `spliced` does (`use_error_term` likewise).
         """
+        if saes is not None:
+            with self.spliced(saes, use_error_term=use_error_term):
+                return self.run(
+                    inputs, capture=capture, interventions=interventions, attention_mask=attention_mask,
+                    capture_device=capture_device, capture_dtype=capture_dtype, capture_positions=capture_positions,
+                    grad=grad, capture_grad=capture_grad, stop_early=stop_early,
+                )
         batch = self._batch(inputs, attention_mask)
         length = batch.tokens.shape[1] if self._config is not None else None
         grad_names = frozenset(self.resolve(capture_grad)) if capture_grad is not None else frozenset()
@@ -195,6 +208,44 @@ class Model:
         """Keep `interventions` attached for every forward pass in the block (`run`, `generate` or the module itself)."""
         with self._attach(self._actions([], interventions, None)):
             yield self
+
+    @contextlib.contextmanager
+    def spliced(self, *saes: Saes, use_error_term: bool = False) -> Iterator[Model]:
+        """Within the block, each SAE replaces the activation at its hook point by its reconstruction in every
+        forward pass (`run`, `generate`, the module itself).
+
+        `saes`: SAEs (each at its `cfg.hook_name`), lists of them, or mappings hook name -> SAE. With
+        `use_error_term=True` the hook passes on reconstruction + error, so the model's output is unchanged (bit for
+        bit) until something edits the latents. Each SAE's insides become hook points `<hook>.hook_sae_input`,
+        `.hook_sae_acts_pre`, `.hook_sae_acts_post`, `.hook_sae_recons`, `.hook_sae_error`, `.hook_sae_output`,
+        which capture and interventions reach by name (feature ablation and steering are interventions on
+        `.hook_sae_acts_post`). Interventions on the hook itself change what the SAE reads; its capture is what the
+        SAE passes on.
+        """
+        wanted = _splice_targets(saes)
+        for hook, sae in wanted.items():
+            if hook not in self._points or "hook_sae_" in hook:
+                raise HookNameError(hook, [n for n in self._points if "hook_sae_" not in n])
+            if hook in self._splices:
+                raise InputError(f"an SAE is already spliced at {hook!r}; leave that block first")
+        shared = [sae for sae in wanted.values() if any(s.sae is sae for s in self._splices.values())]
+        if shared or len({id(s) for s in wanted.values()}) < len(wanted):
+            raise InputError("one SAE object cannot sit at two hook points at once (its hook points would clash); copy it")
+        splices = {hook: _Splice(sae, use_error_term) for hook, sae in wanted.items()}
+        before = self._points
+        points: dict[str, HookPoint] = {}
+        for name, point in before.items():
+            points[name] = point
+            if name in splices:
+                points.update((p.name, p) for p in splices[name].sae.hook_points(name, point.pos_dim))
+        self._points = points
+        self._splices.update(splices)
+        try:
+            yield self
+        finally:
+            for hook in splices:
+                del self._splices[hook]
+            self._points = {name: point for name, point in self._points.items() if not _inside(name, splices)}
 
     def list_hooks(self) -> list[str]:
         """The hook points NeuronMap has attached right now (empty between runs)."""
@@ -295,10 +346,15 @@ class Model:
             for name in self.resolve(pattern):
                 per_point.setdefault(name, []).append(value)
         watched = recorder.grad_names if recorder is not None else frozenset()
-        names = [name for name in self._points if name in per_point or name in capture or name in watched]
+        splices = self._splices
+        names = [
+            name for name in self._points
+            if name in per_point or name in capture or name in watched or name in splices
+        ]
         return {
             self._points[name]: _PointAction(
-                self._points[name], per_point.get(name, []), recorder, capture=name in capture, watch=name in watched
+                self._points[name], per_point.get(name, []), recorder, capture=name in capture, watch=name in watched,
+                splice=splices.get(name),
             )
             for name in names
         }
@@ -320,23 +376,38 @@ class Model:
         return self.module(input_ids=batch.tokens, attention_mask=batch.attention_mask, **self._forward_kwargs)
 
 
+class _Splice:
+    """An SAE spliced in at one hook point: what the point passes on is the SAE's output for its activation."""
+
+    def __init__(self, sae: Any, use_error_term: bool):
+        self.sae = sae
+        self.use_error_term = use_error_term
+
+    def __call__(self, activation: torch.Tensor) -> torch.Tensor:
+        return self.sae.splice(activation, self.use_error_term)
+
+
 class _PointAction:
-    """What happens at one hook point in one run: interventions in order, then (for gradients) an identity node
-    whose gradient is recorded, then capture of the result."""
+    """What happens at one hook point in one run: interventions in order, an SAE spliced in (if any), then (for
+    gradients) an identity node whose gradient is recorded, then capture of the result."""
 
     def __init__(
-        self, point: HookPoint, interventions: list[Intervention], recorder: Recorder | None, *, capture: bool, watch: bool
+        self, point: HookPoint, interventions: list[Intervention], recorder: Recorder | None, *, capture: bool, watch: bool,
+        splice: _Splice | None = None,
     ):
         self.point = point
         self.interventions = interventions
         self.recorder = recorder
         self.capture = capture
         self.watch = watch
+        self.splice = splice
 
     def __call__(self, activation: torch.Tensor) -> torch.Tensor | None:
         original = activation
         for value in self.interventions:
             activation = self._apply(value, activation)
+        if self.splice is not None:
+            activation = self.splice(activation)
         if self.watch:
             activation = self.recorder.watch(self.point, activation)
         if self.capture:
@@ -391,6 +462,35 @@ def _check_intervention(pattern: str, value: Any) -> None:
             f"intervention {_describe(value)} on {pattern!r} must accept two arguments, fn(activation, hook); "
             f"its signature is {signature}"
         ) from None
+
+
+def _splice_targets(saes: tuple) -> dict[str, Any]:
+    """{hook name: SAE} from SAEs, lists of them and mappings, each SAE without a mapping key at its `cfg.hook_name`."""
+    targets: dict[str, Any] = {}
+    for item in saes:
+        if isinstance(item, Mapping):
+            pairs = list(item.items())
+        elif isinstance(item, (list, tuple)):
+            pairs = [(None, sae) for sae in item]
+        else:
+            pairs = [(None, item)]
+        for hook, sae in pairs:
+            if not callable(getattr(sae, "splice", None)) or not callable(getattr(sae, "hook_points", None)):
+                raise InputError(f"cannot splice a {type(sae).__name__}: give neuronmap SAEs (neuronmap.sae.SAE)")
+            hook = hook or getattr(getattr(sae, "cfg", None), "hook_name", None)
+            if not hook:
+                raise InputError(f"{sae!r} names no hook point (cfg.hook_name): pass saes={{hook_name: sae}}")
+            if hook in targets:
+                raise InputError(f"two SAEs given for {hook!r}")
+            targets[hook] = sae
+    if not targets:
+        raise InputError("no SAE given to splice")
+    return targets
+
+
+def _inside(name: str, splices: Mapping[str, Any]) -> bool:
+    """Whether `name` is one of the hook points an SAE spliced at one of `splices` brought."""
+    return any(name.startswith(hook + ".hook_sae_") for hook in splices)
 
 
 def _describe(function: Any) -> str:
