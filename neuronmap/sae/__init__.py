@@ -6,5 +6,6 @@ in the forward pass, its insides reachable as `<hook>.hook_sae_acts_post` and fr
 
 from .autoencoder import SAE
 from .config import ARCHITECTURES, SAEConfig
+from .metrics import SAEMetrics, evaluate
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig"]
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEMetrics", "evaluate"]

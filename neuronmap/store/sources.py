@@ -149,3 +149,28 @@ def windows(
             for start in range(0, len(ids), context):
                 yield Window(index, start, list(ids[start : start + context]))
             index += 1
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Windows padded on the right into one forward pass: `tokens`/`mask` `[windows, pos]` and the windows."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    windows: list[Window]
+
+
+def token_batches(inputs: Source, tokenizer: Any, pad: int, context: int, batch_size: int,
+                  text_field: str = "text") -> Iterator[TokenBatch]:
+    """Any extraction input as padded batches of `batch_size` non-empty windows of at most `context` tokens
+    (empty documents are skipped): what analyses that stream a dataset through a model iterate over."""
+    docs = documents(inputs, text_field)
+    stream = (w for w in windows(docs.open(), tokenizer, context) if w.tokens)
+    while group := list(itertools.islice(stream, batch_size)):
+        width = max(len(w.tokens) for w in group)
+        tokens = torch.full((len(group), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, window in enumerate(group):
+            tokens[row, : len(window.tokens)] = torch.tensor(window.tokens)
+            mask[row, : len(window.tokens)] = 1
+        yield TokenBatch(tokens, mask, group)
