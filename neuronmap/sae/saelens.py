@@ -12,8 +12,9 @@ reads such a file (or a training checkpoint, folding its norms as SAELens's infe
 SAE, which at inference applies that threshold exactly as SAELens's JumpReLU SAE does.
 
 Anything SAELens writes that NeuronMap does not use (dataset, context size, training settings, ...) is kept in
-`SAEConfig.metadata` and written back. What would change the arithmetic and NeuronMap does not implement (another
-architecture, a fine-tuning scale, whitening kept outside the weights, an unknown field) is an `SAEError` naming it.
+`SAEConfig.metadata` and written back (a folder's `sparsity.safetensors` and a checkpoint's trainer state are not
+read). What would change the arithmetic and NeuronMap does not implement (another architecture, a fine-tuning
+scale, whitening kept outside the weights, an unknown field) is an `SAEError` naming it.
 """
 
 from __future__ import annotations
@@ -312,7 +313,7 @@ def _to_saelens(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if cfg.reshape_activations == "hook_z" and cfg.hook_name is not None and not cfg.hook_name.endswith("_z"):
         raise SAEError(f"reshape_activations 'hook_z' on hook {cfg.hook_name!r}: SAELens reads it only for a hook "
                        f"named '..._z'")
-    metadata = {"model_name": cfg.model_name, "hook_name": cfg.hook_name, **cfg.metadata}
+    metadata = {**cfg.metadata, "model_name": cfg.model_name, "hook_name": cfg.hook_name}
     if _major_version({"metadata": metadata}) < 6:
         metadata["sae_lens_version"] = FORMAT_VERSION
     out: dict[str, Any] = {
