@@ -50,7 +50,7 @@ def write_case(case: dict, root: Path):
         return SAE.load_from_disk(folder)
     sae.save_model(folder)  # a training checkpoint
     if save == "training":
-        if case["architecture"] == "batchtopk":  # SAELens reads these only as a training SAE: compare its inference save
+        if case["architecture"] == "batchtopk":  # SAELens reads this only as a training SAE: use its inference save
             sae.save_inference_model(root / f"{case['name']}.inference")
             return SAE.load_from_disk(root / f"{case['name']}.inference")
         return SAE.load_from_disk(folder)
@@ -73,7 +73,8 @@ def randomize(sae, seed: int) -> None:
     d_in, d_sae = sae.cfg.d_in, sae.cfg.d_sae
     sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / math.sqrt(d_in))
     sae.b_enc.copy_(torch.randn(d_sae, generator=g) * 0.2)
-    sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / math.sqrt(d_in) * torch.empty(d_sae, 1).uniform_(0.3, 2.0, generator=g))
+    norms = torch.empty(d_sae, 1).uniform_(0.3, 2.0, generator=g)
+    sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / math.sqrt(d_in) * norms)
     sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.3)
     if hasattr(sae, "threshold"):
         sae.threshold.copy_(torch.empty(d_sae).uniform_(0.05, 1.2, generator=g))

@@ -31,8 +31,8 @@ HOOK_Z = {"model_name": "gpt2", "hook_name": "blocks.0.attn.hook_z"}
 # What SAELens writes, one case each: (name, architecture, config, how it is saved, input, seed)
 SAELENS_CASES = [
     dict(name="standard", architecture="standard", cfg=dict(apply_b_dec_to_input=False), save="inference"),
-    dict(name="standard_constant_norm", architecture="standard", cfg=dict(normalize_activations="constant_norm_rescale"),
-         save="inference"),
+    dict(name="standard_constant_norm", architecture="standard",
+         cfg=dict(normalize_activations="constant_norm_rescale"), save="inference"),
     dict(name="standard_layer_norm", architecture="standard", cfg=dict(normalize_activations="layer_norm"),
          save="inference"),
     dict(name="standard_hook_z", architecture="standard", cfg=dict(reshape_activations="hook_z"), save="inference",
@@ -98,7 +98,8 @@ def randomize(sae: SAE, seed: int) -> SAE:
     g = torch.Generator().manual_seed(seed)
     sae.W_enc.copy_(torch.randn(D_IN, D_SAE, generator=g) / math.sqrt(D_IN))
     sae.b_enc.copy_(torch.randn(D_SAE, generator=g) * 0.2)
-    sae.W_dec.copy_(torch.randn(D_SAE, D_IN, generator=g) / math.sqrt(D_IN) * torch.empty(D_SAE, 1).uniform_(0.3, 2.0, generator=g))
+    norms = torch.empty(D_SAE, 1).uniform_(0.3, 2.0, generator=g)
+    sae.W_dec.copy_(torch.randn(D_SAE, D_IN, generator=g) / math.sqrt(D_IN) * norms)
     sae.b_dec.copy_(torch.randn(D_IN, generator=g) * 0.3)
     if hasattr(sae, "threshold"):
         sae.threshold.copy_(torch.empty(D_SAE).uniform_(0.05, 1.2, generator=g))
@@ -139,7 +140,8 @@ def work(tmp_path_factory) -> Path:
                 folders.append(dict(name=name, folder=str(root / "neuronmap" / name), input=case_input(name)))
             for name in RESAVED:
                 SAE.load(root / "saelens" / name).save(root / "resaved" / name)
-                folders.append(dict(name=f"resaved_{name}", folder=str(root / "resaved" / name), input=case_input(name)))
+                folders.append(dict(name=f"resaved_{name}", folder=str(root / "resaved" / name),
+                                    input=case_input(name)))
             process.communicate(json.dumps(folders) + "\n", timeout=300)
         finally:
             if process.poll() is None:
@@ -279,9 +281,10 @@ def test_neuronmap_round_trip_keeps_everything(tmp_path, name):
         assert again.cfg.metadata["note"] == name
         return
     assert again.cfg.replace(metadata={}) == sae.cfg.replace(metadata={})
-    assert {k: v for k, v in again.cfg.metadata.items() if k != "sae_lens_version"} == sae.cfg.metadata | (
-        {"training_architecture": "batchtopk", "training_architecture_details": {"k": 6, "rescale_acts_by_decoder_norm": False}}
-        if sae.cfg.architecture == "batchtopk" else {})
+    written = {"training_architecture": "batchtopk",  # what SAELens's inference save of a BatchTopK SAE records
+               "training_architecture_details": {"k": 6, "rescale_acts_by_decoder_norm": False}}
+    expected = sae.cfg.metadata | (written if sae.cfg.architecture == "batchtopk" else {})
+    assert {k: v for k, v in again.cfg.metadata.items() if k != "sae_lens_version"} == expected
     for key, value in sae.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key
     assert torch.equal(encode_decode(again, x)[1], encode_decode(sae, x)[1])

@@ -118,7 +118,8 @@ def _sae_folder(path: str | Path) -> Path:
     if not folder.exists():
         raise SAEError(f"no SAE at {folder}: the folder does not exist")
     if not folder.is_dir():
-        raise SAEError(f"{folder} is a file; an SAE is a folder holding {CFG_FILE} and {WEIGHTS_FILE} (as SAELens writes)")
+        raise SAEError(f"{folder} is a file; an SAE is a folder holding {CFG_FILE} and {WEIGHTS_FILE} "
+                       f"(as SAELens writes)")
     missing = [name for name in (CFG_FILE, WEIGHTS_FILE) if not (folder / name).is_file()]
     if missing:
         raise SAEError(f"{folder} is not an SAE folder: it has no {' and no '.join(missing)} (SAELens writes "
@@ -305,7 +306,8 @@ def _to_saelens(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not isinstance(sae, SAE):
         raise SAEError(f"save_sae writes a neuronmap SAE, got {type(sae).__name__}")
     cfg = sae.cfg
-    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if cfg.architecture in ("jumprelu", "batchtopk") else [])
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"]
+    names += ["threshold"] if cfg.architecture in ("jumprelu", "batchtopk") else []
     tensors = {name: getattr(sae, name).detach().to("cpu").clone().contiguous() for name in names}
     if cfg.rescale_acts_by_decoder_norm and cfg.architecture in ("standard", "jumprelu"):
         raise SAEError(f"SAELens's {cfg.architecture} SAE has no rescale_acts_by_decoder_norm; only topk and "
@@ -347,8 +349,11 @@ def _check_target(folder: Path) -> None:
         present = {entry.name for entry in folder.iterdir()}
         foreign = sorted(present - SAELENS_FILES)
         if present and (foreign or CFG_FILE not in present):
-            why = f"it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}" if foreign else f"no {CFG_FILE}"
-            raise SAEError(f"will not overwrite {folder}: it is not an SAE folder ({why}); choose a new or empty folder")
+            why = f"no {CFG_FILE}"
+            if foreign:
+                why = f"it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}"
+            raise SAEError(f"will not overwrite {folder}: it is not an SAE folder ({why}); choose a new or empty "
+                           f"folder")
 
 
 def _move_into_place(partial: Path, folder: Path) -> None:
