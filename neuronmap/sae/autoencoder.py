@@ -188,15 +188,17 @@ class SAE(nn.Module):
         cfg = self.cfg
         if cfg.architecture == "standard":
             return activations.relu(pre)
-        if cfg.architecture == "jumprelu" or (cfg.architecture == "batchtopk" and not self.training):
+        if cfg.architecture == "jumprelu":
             if self.training:
                 return activations.JumpReLU.apply(pre, self.threshold, self.bandwidth)
             return activations.jumprelu(pre, self.threshold)
-        if cfg.rescale_acts_by_decoder_norm:
+        if cfg.rescale_acts_by_decoder_norm:  # (BatchTopK's threshold is in these rescaled units too)
             pre = pre * self.W_dec_norm
         if cfg.architecture == "topk":
             return activations.topk(pre, cfg.k)
-        return activations.batch_topk(pre, cfg.k)
+        if self.training:
+            return activations.batch_topk(pre, cfg.k)
+        return activations.jumprelu(pre, self.threshold)
 
     def _flatten_input(self, x: torch.Tensor) -> torch.Tensor:
         d_in = self.cfg.d_in

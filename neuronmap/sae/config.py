@@ -53,8 +53,11 @@ class SAEConfig:
         if self.architecture in ("topk", "batchtopk"):
             if not isinstance(self.k, int) or isinstance(self.k, bool) or not 1 <= self.k <= self.d_sae:
                 raise SAEError(f"a {self.architecture} SAE needs k between 1 and d_sae={self.d_sae}, got k={self.k!r}")
-        elif self.k is not None:
-            raise SAEError(f"k only applies to topk and batchtopk SAEs, not {self.architecture!r}")
+        else:
+            if self.k is not None:
+                raise SAEError(f"k only applies to topk and batchtopk SAEs, not {self.architecture!r}")
+            if self.rescale_acts_by_decoder_norm:
+                raise SAEError(f"rescale_acts_by_decoder_norm only applies to topk and batchtopk SAEs, not {self.architecture!r}")
 
     def replace(self, **changes: Any) -> SAEConfig:
         """A copy with `changes` applied (validated again)."""

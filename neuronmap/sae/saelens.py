@@ -309,9 +309,6 @@ def _to_saelens(sae: SAE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     names = ["W_enc", "b_enc", "W_dec", "b_dec"]
     names += ["threshold"] if cfg.architecture in ("jumprelu", "batchtopk") else []
     tensors = {name: getattr(sae, name).detach().to("cpu").clone().contiguous() for name in names}
-    if cfg.rescale_acts_by_decoder_norm and cfg.architecture in ("standard", "jumprelu"):
-        raise SAEError(f"SAELens's {cfg.architecture} SAE has no rescale_acts_by_decoder_norm; only topk and "
-                       f"batchtopk SAEs can be saved with it")
     if cfg.reshape_activations == "hook_z" and cfg.hook_name is not None and not cfg.hook_name.endswith("_z"):
         raise SAEError(f"reshape_activations 'hook_z' on hook {cfg.hook_name!r}: SAELens reads it only for a hook "
                        f"named '..._z'")
