@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_list_names_every_entry_and_renders_escaped():
     table = zoo.list()
-    assert table.names == ["induction-2l", "ioi", "modadd", "minilm"]
+    assert table.names == ["induction-2l", "ioi", "modadd", "minilm", "ioi-resid0"]
     assert "\n" not in repr(table)
     html = table._repr_html_()
-    assert html.count("<tr>") == 5 and "<script" not in html
+    assert html.count("<tr>") == 6 and "<script" not in html
 
 
 @pytest.mark.parametrize("name", list(zoo.TRAINED))
@@ -37,7 +37,7 @@ def test_trained_entries_load_offline_with_their_tokenizer_and_card(name):
 
 
 def test_the_shipped_weights_fit_the_budget():
-    total = sum(f.stat().st_size for f in zoo.MODELS_DIR.rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for d in (zoo.MODELS_DIR, zoo.SAES_DIR) for f in d.rglob("*") if f.is_file())
     assert total <= 15 * 2**20
 
 
@@ -73,6 +73,9 @@ def test_zoo_models_load_from_an_installed_wheel(installed_wheel, tmp_path):
         "for name in zoo.TRAINED:\n"
         "    model = zoo.load(name)\n"
         "    assert model.run(model.tokenizer.decode([5, 6, 7])).logits is not None\n"
+        "for name in zoo.SAES:\n"
+        "    sae = zoo.load_sae(name)\n"
+        "    assert zoo.card(name)['hook'] == sae.cfg.hook_name\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},

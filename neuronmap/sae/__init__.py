@@ -7,5 +7,6 @@ in the forward pass, its insides reachable as `<hook>.hook_sae_acts_post` and fr
 from .autoencoder import SAE
 from .config import ARCHITECTURES, SAEConfig
 from .metrics import SAEMetrics, evaluate
+from .training import train
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEMetrics", "evaluate"]
+__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEMetrics", "evaluate", "train"]

@@ -101,13 +101,22 @@ def save_sae(sae: SAE, path: str | Path) -> Path:
     try:
         save_file(tensors, str(partial / WEIGHTS_FILE))
         (partial / CFG_FILE).write_text(text + "\n")
+        mask = _umask()
         for name in (WEIGHTS_FILE, CFG_FILE):
             _fsync(partial / name)
+            os.chmod(partial / name, 0o666 & ~mask)  # (the temporary folder and safetensors' file start private)
+        os.chmod(partial, 0o777 & ~mask)
         _move_into_place(partial, folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return folder
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --- reading --------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The model zoo: small HF models trained by NeuronMap's own recipes, shipped inside the package.
 
 `zoo.list()` shows the entries with their cards; `zoo.load(name)` loads one offline through the normal
-`from_pretrained` path on its package directory, tokenizer included. Each trained entry is reproducible with
+`from_pretrained` path on its package directory, tokenizer included. The zoo also ships sparse autoencoders
+trained on its models (`zoo.load_sae(name)`, SAELens's file format). Each trained entry is reproducible with
 `python -m neuronmap.zoo.train NAME` (into a new directory; `--replace-shipped` rewrites the shipped copy and its
 card from measurement).
 """
@@ -19,8 +20,11 @@ from ..display import Renders, format_bytes, html_table
 from ..errors import LoadError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+SAES_DIR = Path(__file__).resolve().parent / "saes"
 TRAINED = {"induction-2l": "induction", "ioi": "ioi", "modadd": "modadd"}
 """Trained entries: zoo name -> recipe module in `neuronmap.zoo.recipes`."""
+SAES = {"ioi-resid0": "ioi_sae"}
+"""Shipped sparse autoencoders: zoo name -> recipe module in `neuronmap.zoo.recipes`."""
 MINILM = "minilm"
 NAMES = (*TRAINED, MINILM)
 """Every zoo name: `neuronmap.load(name)` loads these from the zoo, never from the hub."""
@@ -85,7 +89,7 @@ class ZooTable(Renders):
 
 def list() -> ZooTable:  # noqa: A001 - `zoo.list()` is the public name
     """Every zoo entry with its card (task, architecture, size, measured mechanisms)."""
-    return ZooTable([_trained_entry(name) for name in TRAINED] + [_minilm_entry()])
+    return ZooTable([_trained_entry(name) for name in TRAINED] + [_minilm_entry()] + [_sae_entry(name) for name in SAES])
 
 
 def load(name: str):
@@ -93,6 +97,25 @@ def load(name: str):
     from ..model import load as load_model
 
     return load_model(path(name), name=name)
+
+
+def load_sae(name: str):
+    """Load the zoo's sparse autoencoder `name` (a `neuronmap.sae.SAE`; its card names the model and hook)."""
+    from ..sae import SAE
+
+    return SAE.load(sae_path(name))
+
+
+def sae_path(name: str) -> Path:
+    """The local directory holding zoo SAE `name` (SAELens's `cfg.json` + `sae_weights.safetensors`, and its card)."""
+    if name not in SAES:
+        close = difflib.get_close_matches(name, builtins.list(SAES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise LoadError(f"unknown zoo SAE {name!r}{hint} (available: {', '.join(SAES)})")
+    directory = SAES_DIR / name
+    if not (directory / "cfg.json").exists():
+        raise LoadError(f"zoo SAE {name!r} has no weights in {directory}; run: python -m neuronmap.zoo.train {name} --replace-shipped")
+    return directory
 
 
 def path(name: str) -> Path:
@@ -114,7 +137,9 @@ def path(name: str) -> Path:
 
 
 def card(name: str) -> dict[str, Any]:
-    """The card of a trained zoo model, as written by its recipe from measurement."""
+    """The card of a trained zoo model or SAE, as written by its recipe from measurement."""
+    if name in SAES:
+        return json.loads((sae_path(name) / "card.json").read_text())
     if name not in TRAINED:
         raise _unknown(name) if name != MINILM else LoadError("minilm is pretrained elsewhere and has no NeuronMap card")
     return json.loads((path(name) / "card.json").read_text())
@@ -122,6 +147,23 @@ def card(name: str) -> dict[str, Any]:
 
 def _trained_entry(name: str) -> Entry:
     directory = MODELS_DIR / name
+    if not (directory / "card.json").exists():
+        return Entry(name, "—", None, None, f"not trained yet: python -m neuronmap.zoo.train {name} --replace-shipped", available=False)
+    info = json.loads((directory / "card.json").read_text())
+    return Entry(
+        name=name,
+        architecture=info["architecture"],
+        parameters=info.get("parameters"),
+        size_bytes=sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
+        task=info["task"],
+        mechanisms=info.get("mechanisms", []),
+        recipe=info.get("recipe", ""),
+        metrics=info.get("metrics", {}),
+    )
+
+
+def _sae_entry(name: str) -> Entry:
+    directory = SAES_DIR / name
     if not (directory / "card.json").exists():
         return Entry(name, "—", None, None, f"not trained yet: python -m neuronmap.zoo.train {name} --replace-shipped", available=False)
     info = json.loads((directory / "card.json").read_text())
