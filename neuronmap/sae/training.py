@@ -122,7 +122,8 @@ def train(
     new = sae is None
     if new:  # architecture, d_sae and k are checked before any forward pass
         architecture = architecture or "topk"
-        SAEConfig(architecture, 1, d_sae or k or 1, k=k if k is not None or architecture not in ("topk", "batchtopk") else 1)
+        k_or_default = k if k is not None or architecture not in ("topk", "batchtopk") else 1
+        SAEConfig(architecture, 1, d_sae if d_sae is not None else max(k_or_default or 1, 1), k=k_or_default)
     run_device = _device(device, sae, source)
     steps = math.ceil(tokens / batch_size)
     stream = open_stream(source, hook_name, inputs, batch_size=batch_size, tokens=tokens, seed=seed,
