@@ -317,7 +317,7 @@ def test_the_browser_embeds_the_first_latents_within_its_budget_and_says_so(case
     data = _embedded(page)
     alive = [int(i) for i in torch.argsort(-stats.max.double(), stable=True) if stats.count[i] > 0]
     assert list(map(int, data["features"])) == alive[:32]
-    assert f"dashboards of 32 of 96 latents embedded (the first 32 by max" in data["note"]
+    assert "dashboards of 32 of 96 latents embedded (the first 32 by max" in data["note"]
     head, arrays = _blob(data["list"])
     assert arrays["latents"].tolist() == sorted(range(96), key=lambda i: (-float(stats.max[i]), i))
     order = arrays["latents"].tolist()

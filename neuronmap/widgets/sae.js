@@ -11,7 +11,10 @@
 const SHADE = [230, 85, 13];
 const SHOWN_ROWS = 300;
 const COLUMNS = [
-  ["latent", "latent"], ["density", "density"], ["max", "max activation"], ["mean", "mean when active"],
+  ["latent", "latent", "the latent's index"],
+  ["density", "density", "fraction of tokens on which the latent fires"],
+  ["max", "max", "its largest activation"],
+  ["mean", "mean", "its mean activation where it fires"],
 ];
 
 function asBytes(view) {
@@ -140,9 +143,10 @@ function render({ model, el }) {
   // --- the table of latents ---
 
   function drawHead() {
-    const cells = COLUMNS.map(([key, label]) => {
+    const cells = COLUMNS.map(([key, label, meaning]) => {
       const cell = ownKeys(node("th", null, label));
       cell.dataset.sort = key;
+      cell.title = `${meaning} (press to sort)`;
       cell.tabIndex = 0;
       cell.setAttribute("role", "button");
       const on = state.sort === key;
@@ -324,7 +328,10 @@ function render({ model, el }) {
     state.picked = at;
     for (const span of dash.querySelectorAll(".nm-sae-token.nm-sae-picked-token")) span.classList.remove("nm-sae-picked-token");
     const span = dash.querySelector(`.nm-sae-token[data-at="${at}"]`);
-    if (span) span.classList.add("nm-sae-picked-token");
+    if (span) {
+      span.classList.add("nm-sae-picked-token");
+      span.closest(".nm-sae-context").after(box); // the list opens under the line of the token clicked
+    }
     const heading = node("div", "nm-sae-picked-head", `latents most active on \u201c${shown(text)}\u201d`);
     const list = node("div", "nm-sae-features");
     const available = model.get("available");
@@ -373,13 +380,19 @@ function render({ model, el }) {
       bar.append(hint);
       plot.append(bar);
     });
+    const peak = info.hist_top > 0 ? (info.max / info.hist_top) * width : 0;
+    const marker = svg("line", { x1: peak.toFixed(1), y1: 0, x2: peak.toFixed(1), y2: height, class: "nm-sae-max" });
+    const markerHint = svg("title");
+    markerHint.textContent = `max ${number(info.max)}`;
+    marker.append(markerHint);
     const axis = svg("line", { x1: 0, y1: height + 0.5, x2: width, y2: height + 0.5, class: "nm-sae-axis" });
     const left = svg("text", { x: 0, y: height + 13 });
     left.textContent = "0";
     const right = svg("text", { x: width, y: height + 13, "text-anchor": "end" });
     right.textContent = number(info.hist_top);
-    plot.append(axis, left, right);
-    figure.append(plot, node("figcaption", null, `activations where it fires (peak bar ${top} tokens)`));
+    plot.append(marker, axis, left, right);
+    figure.append(plot, node("figcaption", null,
+      `activations where it fires, 0 to ${number(info.hist_top)} (tallest bar ${top} tokens; line: max ${number(info.max)})`));
     return figure;
   }
 
