@@ -117,6 +117,8 @@ def gradients(sae: SAE) -> dict[str, torch.Tensor]:
 
 
 SETTINGS = {"l1_coefficient": 0.7, "l0_coefficient": 0.9, "l1_by_decoder_norm": True}
+# autograd on `training_loss`, the hand-derived step, and (standard SAEs) the hand-derived step on active entries only
+MODES = [{"by_hand": False}, {"by_hand": True}, {"by_hand": True, "sparse": True}]
 
 
 # --- forward, loss, gradients ----------------------------------------------------------------------------------------
@@ -142,14 +144,15 @@ def test_loss_and_gradients_equal_the_reference(architecture, apply_b_dec):
     for term in ("mse", "sparsity", "total"):
         torch.testing.assert_close(getattr(parts, term), ref[term], rtol=1e-12, atol=1e-12)
     assert float(parts.sparsity.detach()) > 0 or architecture in ("topk", "batchtopk")
-    for by_hand in (False, True):
-        out = steps.forward_backward(sae, x, by_hand=by_hand, **SETTINGS)
+    for mode in MODES:
+        out = steps.forward_backward(sae, x, **mode, **SETTINGS)
         torch.testing.assert_close(out.total, ref["total"], rtol=1e-12, atol=1e-12)
+        assert int(out.active) == int((ref["acts"] != 0).sum())
         grads = gradients(sae)
         expected = ref["grads"]
-        assert set(grads) == set(expected), by_hand
+        assert set(grads) == set(expected), mode
         for name in expected:
-            torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12, msg=f"{name} ({by_hand=})")
+            torch.testing.assert_close(grads[name], expected[name], rtol=1e-10, atol=1e-12, msg=f"{name} ({mode})")
 
 
 def test_standard_l1_without_decoder_norms_is_the_plain_l1():
@@ -157,10 +160,11 @@ def test_standard_l1_without_decoder_norms_is_the_plain_l1():
     ref = reference("standard", sae, x, l1=0.7, by_norm=False)
     parts = losses.training_loss(sae, x, l1_coefficient=0.7, l1_by_decoder_norm=False)
     torch.testing.assert_close(parts.sparsity, 0.7 * ref["acts"].sum() / TOKENS)
-    out = steps.forward_backward(sae, x, l1_coefficient=0.7, l1_by_decoder_norm=False)
-    torch.testing.assert_close(out.total, ref["total"])
-    for name, grad in gradients(sae).items():
-        torch.testing.assert_close(grad, ref["grads"][name], rtol=1e-10, atol=1e-12)
+    for mode in MODES:
+        out = steps.forward_backward(sae, x, l1_coefficient=0.7, l1_by_decoder_norm=False, **mode)
+        torch.testing.assert_close(out.total, ref["total"])
+        for name, grad in gradients(sae).items():
+            torch.testing.assert_close(grad, ref["grads"][name], rtol=1e-10, atol=1e-12)
 
 
 def test_jumprelu_threshold_gradient_is_the_papers_pseudo_derivative():
@@ -222,12 +226,12 @@ def test_aux_k_loss_and_gradients_equal_the_hand_formula(architecture, dead_coun
     acts, pre = sae.encode_with_pre(x)
     alone = losses.aux_k_loss(sae, x, sae.decode(acts), pre, dead, aux_k)
     torch.testing.assert_close(0.25 * alone, ref["aux"], rtol=1e-12, atol=1e-12)
-    for by_hand in (False, True):
-        out = steps.forward_backward(sae, x, dead=dead, aux_k=aux_k, aux_coefficient=0.25, by_hand=by_hand, **SETTINGS)
+    for mode in MODES:
+        out = steps.forward_backward(sae, x, dead=dead, aux_k=aux_k, aux_coefficient=0.25, **mode, **SETTINGS)
         torch.testing.assert_close(out.aux, ref["aux"], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(out.total, ref["total"], rtol=1e-12, atol=1e-12)
         for name, grad in gradients(sae).items():
-            torch.testing.assert_close(grad, ref["grads"][name], rtol=1e-10, atol=1e-12, msg=f"{name} ({by_hand=})")
+            torch.testing.assert_close(grad, ref["grads"][name], rtol=1e-10, atol=1e-12, msg=f"{name} ({mode})")
 
 
 def test_aux_k_loss_is_zero_without_dead_latents():
@@ -245,6 +249,8 @@ def test_batchtopk_threshold_follows_the_smallest_kept_activation():
     losses.update_batchtopk_threshold(sae, first, rate=0.1)
     assert torch.equal(sae.threshold, torch.full((D_SAE,), 0.3, dtype=torch.float64))  # the first batch sets it
     losses.update_batchtopk_threshold(sae, torch.tensor([0.0, 0.8, 1.1], dtype=torch.float64), rate=0.1)
+    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.9 * 0.3 + 0.1 * 0.8, dtype=torch.float64))
+    losses.update_batchtopk_threshold(sae, torch.zeros(3, 3, dtype=torch.float64), rate=0.1)  # nothing kept: no change
     torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.9 * 0.3 + 0.1 * 0.8, dtype=torch.float64))
     sae.eval()  # in eval mode the SAE is the JumpReLU SAE with that threshold
     x = data()
@@ -327,6 +333,20 @@ def test_dead_latents_are_those_silent_for_dead_after_tokens():
     trainer.step(x)
     assert trainer.dead[:5].all()
     assert trainer.since_fired[:5].tolist() == [2 * TOKENS] * 5
+
+
+def test_a_standard_sae_step_turns_sparse_once_few_latents_fire(monkeypatch):
+    sae, x = make_sae("standard"), data()
+    with torch.no_grad():
+        sae.b_enc.fill_(-6.0)  # few pre-activations positive
+    calls = []
+    forward_backward = steps.forward_backward
+    monkeypatch.setattr("neuronmap.sae.training.forward_backward",
+                        lambda *a, **kw: calls.append(kw["sparse"]) or forward_backward(*a, **kw))
+    trainer = Trainer(sae, 10, lr=1e-6, l1_coefficient=0.1)
+    trainer.step(x)
+    trainer.step(x)
+    assert trainer.density < 0.05 and calls == [False, True]
 
 
 def test_geometric_median_minimises_the_summed_distance():

@@ -118,14 +118,11 @@ def update_batchtopk_threshold(sae: SAE, acts: torch.Tensor, rate: float = 0.01)
     """Move BatchTopK's inference threshold toward this batch's smallest positive kept activation, by `rate` (an
     exponential moving average, as SAELens's `topk_threshold`), and store it in every latent of `sae.threshold`, so
     that in eval mode the SAE is the JumpReLU SAE with that threshold. The first batch sets it outright (SAELens
-    starts from 0, which a short run never climbs out of)."""
-    positive = acts[acts > 0]
-    if positive.numel() == 0:
-        return
-    smallest = positive.min().to(sae.threshold.dtype)
+    starts from 0, which a short run never climbs out of). A batch with nothing kept leaves it as it is."""
+    smallest = torch.where(acts > 0, acts, torch.full_like(acts, torch.inf)).min().to(sae.threshold.dtype)
     current = sae.threshold[:1]
     updated = torch.where(current > 0, (1 - rate) * current + rate * smallest, smallest)
-    sae.threshold.copy_(updated.expand_as(sae.threshold))
+    sae.threshold.copy_(torch.where(torch.isfinite(smallest), updated, current).expand_as(sae.threshold))
 
 
 @torch.no_grad()

@@ -4,10 +4,10 @@ hand so that a step does only the work the maths needs.
 Two families. Dense (standard, JumpReLU): the encoder and decoder products and their gradient products, with the
 bias gradient of `b_dec` through the encoder taken from the summed pre-activation gradient (one matrix-vector product
 where autograd would multiply the whole `[tokens, d_sae]` gradient by `W_enc`), the L1 term and ReLU's mask folded
-into the products, and no tensor kept that the backward does not read. Sparse (TopK, BatchTopK): only the kept
-latents are decoded and differentiated, as bags of decoder rows (`embedding_bag`), so the decoder and its gradients
-cost `tokens × k × d_in` instead of `tokens × d_sae × d_in` (Gao et al. 2024 train TopK SAEs with sparse kernels the
-same way); the encoder product is the one dense product left.
+into the products, and no tensor kept that the backward does not read. Sparse (TopK, BatchTopK, and standard SAEs
+once few latents fire): only the kept latents are decoded and differentiated, as bags of decoder rows
+(`embedding_bag`), so the decoder and its gradients cost `active entries × d_in` instead of `tokens × d_sae × d_in`
+(Gao et al. 2024 train TopK SAEs with sparse kernels the same way); the encoder product is the one dense product left.
 
 `forward_backward` sets each parameter's `.grad` and returns the loss terms; SAEs the hand-derived passes do not
 cover (run-time input normalisation, decoder-norm rescaling, half precision, hooks attached to the SAE) go through
@@ -28,7 +28,7 @@ from .losses import training_loss
 @dataclass
 class StepLoss:
     """What one step measured: the loss terms (scalars), which latents fired, how many (token, latent) pairs were
-    active, and for BatchTopK the kept activations (for its threshold)."""
+    active, and for BatchTopK the kept activations (for its threshold; zeros are ignored there)."""
 
     total: torch.Tensor
     mse: torch.Tensor
@@ -51,16 +51,19 @@ def forward_backward(
     aux_coefficient: float = 0.0,
     by_hand: bool = True,
     measure: bool = True,
+    sparse: bool = False,
 ) -> StepLoss:
     """The loss of `sae` on `x [tokens, d_in]` with every parameter's gradient in `.grad` (replacing what was there);
     arguments as `losses.training_loss`. `by_hand=False` forces autograd; `measure=False` may skip counting the
-    active latents (a pass over `[tokens, d_sae]` that only the log needs)."""
+    active latents (a pass over `[tokens, d_sae]` that only the log needs). `sparse=True` computes a standard
+    SAE's step from its active entries, as TopK's, which is faster once few latents fire (a few percent)."""
     sae.train()
     if by_hand and handles(sae):
         aux = _AuxSetup.of(sae, dead, aux_k, aux_coefficient)
         with torch.no_grad():
-            if sae.cfg.architecture in ("topk", "batchtopk"):
-                return _sparse(sae, x, aux)
+            arch = sae.cfg.architecture
+            if arch in ("topk", "batchtopk") or (sparse and arch == "standard"):
+                return _sparse(sae, x, l1_coefficient if arch == "standard" else 0.0, l1_by_decoder_norm, aux)
             return _dense(sae, x, l1_coefficient, l1_by_decoder_norm, l0_coefficient, aux, measure)
     return _autograd(sae, x, l1_coefficient, l1_by_decoder_norm, l0_coefficient, dead, aux_k, aux_coefficient)
 
@@ -106,7 +109,7 @@ def _autograd(sae, x, l1_coefficient, l1_by_decoder_norm, l0_coefficient, dead, 
     if sae.cfg.architecture == "batchtopk":
         sae.threshold.grad = None  # not learned by gradient: it follows the kept activations
     acts = parts.acts.detach()
-    kept = acts[acts > 0] if sae.cfg.architecture == "batchtopk" else None
+    kept = acts if sae.cfg.architecture == "batchtopk" else None
     return StepLoss(parts.total.detach(), parts.mse.detach(), parts.sparsity.detach(), parts.aux.detach(),
                     acts.amax(0) > 0, torch.count_nonzero(acts), kept)
 
@@ -164,34 +167,26 @@ def _dense(sae: SAE, x: torch.Tensor, l1: float, by_norm: bool, l0: float, aux: 
     return StepLoss(mse + sparsity + aux_loss, mse, sparsity, aux_loss, column > 0, active)
 
 
-def _sparse(sae: SAE, x: torch.Tensor, aux: _AuxSetup | None) -> StepLoss:
+def _sparse(sae: SAE, x: torch.Tensor, l1: float, by_norm: bool, aux: _AuxSetup | None) -> StepLoss:
     W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
     n, d_sae, two_n = x.shape[0], W_dec.shape[0], 2.0 / x.shape[0]
     sae_in = x - b_dec if sae.cfg.apply_b_dec_to_input else x
     pre = torch.addmm(b_enc, sae_in, W_enc)
     aux_pre = pre.index_select(1, aux.dead_idx) if aux else None
-    k = sae.cfg.k
-    if sae.cfg.architecture == "topk":
-        values, latents = pre.topk(k, dim=-1, sorted=False)
-        latents = latents.flatten()
-        kept = values.flatten()
-        tokens = torch.arange(n, device=x.device).repeat_interleave(k)
-        offsets = torch.arange(0, n * k, k, device=x.device)
-        acts = kept.clamp_min(0)
-    else:  # BatchTopK: the k × tokens largest ReLU'd pre-activations of the batch, grouped by token
-        acts, flat = pre.clamp_min_(0).view(-1).topk(min(k * n, pre.numel()), sorted=False)
-        flat, order = flat.sort()
-        acts = kept = acts[order]
-        tokens, latents = flat // d_sae, flat % d_sae
-        counts = torch.bincount(tokens, minlength=n)
-        offsets = counts.cumsum(0).sub_(counts)
+    tokens, latents, offsets, kept = _kept(sae, pre)
+    acts = kept.clamp_min(0)
     positive = kept > 0
     e = F.embedding_bag(latents, W_dec, offsets, mode="sum", per_sample_weights=acts).add_(b_dec).sub_(x)
     mse = torch.dot(e.view(-1), e.view(-1)) / n
     g_e = e * two_n
     g_acts = _bag_dot(g_e, W_dec, latents, offsets, tokens).mul_(positive)
     zero = mse.new_zeros(())
-    aux_loss = zero
+    sparsity, aux_loss = zero, zero
+    column = torch.zeros_like(b_enc).index_add_(0, latents, acts)  # each latent's summed activation
+    if l1:  # standard SAEs: + (l1/n) Σ acts ‖d‖ (every kept entry is positive)
+        norms = W_dec.norm(dim=-1) if by_norm else torch.ones_like(b_enc)
+        sparsity = l1 * torch.dot(column, norms) / n
+        g_acts.add_(norms[latents], alpha=l1 / n)
     dec_latents, dec_tokens, dec_weights, dec_source = latents, tokens, acts, g_e
     enc_latents, enc_tokens, enc_grads = latents, tokens, g_acts
     if aux:
@@ -202,13 +197,33 @@ def _sparse(sae: SAE, x: torch.Tensor, aux: _AuxSetup | None) -> StepLoss:
         dec_source = torch.cat([g_e, g_fit])
     groups = _ByLatent(dec_latents, dec_tokens, d_sae)
     W_dec.grad = groups.sum(dec_weights, dec_source)
+    if l1 and by_norm:  # d/dW_dec of (l1/n) Σ acts_i ‖d_i‖ = (l1/n) colsum_i d_i / ‖d_i‖
+        W_dec.grad.add_(W_dec * ((l1 / n) * column / norms)[:, None])
     # (transposed into W_enc's own layout: fused Adam reads a gradient as if laid out like its parameter)
     W_enc.grad = groups.sum(enc_grads, sae_in, enc_tokens).T.contiguous()
     b_enc.grad = torch.zeros_like(b_enc).index_add_(0, enc_latents, enc_grads)
     b_dec.grad = _b_dec_grad(sae, g_e.sum(0), b_enc.grad)
-    fired = torch.zeros(d_sae, dtype=torch.bool, device=x.device).index_fill_(0, latents[positive], True)
-    return StepLoss(mse + aux_loss, mse, zero, aux_loss, fired, torch.count_nonzero(positive),
+    return StepLoss(mse + sparsity + aux_loss, mse, sparsity, aux_loss, column > 0, torch.count_nonzero(positive),
                     kept if sae.cfg.architecture == "batchtopk" else None)
+
+
+def _kept(sae: SAE, pre: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The entries the activation keeps, grouped by token: (token, latent, offsets of each token's entries, the
+    pre-activation kept, which the ReLU then clamps at 0)."""
+    n, d_sae = pre.shape
+    arch, k = sae.cfg.architecture, sae.cfg.k
+    if arch == "topk":
+        values, latents = pre.topk(k, dim=-1, sorted=False)
+        tokens = torch.arange(n, device=pre.device).repeat_interleave(k)
+        return tokens, latents.flatten(), torch.arange(0, n * k, k, device=pre.device), values.flatten()
+    relu = pre.clamp_min_(0).view(-1)
+    if arch == "batchtopk":  # the k × tokens largest ReLU'd pre-activations of the batch
+        flat = relu.topk(min(k * n, relu.numel()), sorted=False).indices.sort().values
+    else:  # standard: every positive pre-activation
+        flat = relu.nonzero().squeeze(-1)
+    tokens = flat // d_sae
+    counts = torch.bincount(tokens, minlength=n)
+    return tokens, flat % d_sae, counts.cumsum(0).sub_(counts), relu[flat]
 
 
 def _aux(aux: _AuxSetup, aux_pre: torch.Tensor, e: torch.Tensor, W_dec: torch.Tensor):

@@ -33,6 +33,8 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 B_DEC_INITS = ("geometric_median", "mean", None)
 _INIT_ROWS = 16384  # rows the input scale and b_dec's initial value are estimated from (rounded up to whole batches)
 _LOG_ROWS = 500  # about this many logged steps per run by default
+SPARSE_BELOW = 0.05  # a standard SAE's step runs on its active entries once fewer than this fraction fire
+_COUNT_EVERY = 16  # steps between counts of a standard SAE's active entries (to notice when it turns sparse)
 
 
 def train(
@@ -213,6 +215,7 @@ class Trainer:
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters) or None
         self.optimizer = torch.optim.Adam(self.parameters, lr=lr, betas=(0.9, 0.999), fused=fused)
         self.since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_enc.device)
+        self.density = 1.0  # the fraction of (token, latent) pairs active when last counted
         self.steps = 0
         self.tokens = 0
 
@@ -255,12 +258,16 @@ class Trainer:
         finite."""
         sae, arch = self.sae, self.sae.cfg.architecture
         coefficient = self.coefficient_at(self.steps)
+        standard = arch == "standard"
         out = forward_backward(
-            sae, x, l1_coefficient=coefficient if arch == "standard" else 0.0, l1_by_decoder_norm=self.l1_by_decoder_norm,
+            sae, x, l1_coefficient=coefficient if standard else 0.0, l1_by_decoder_norm=self.l1_by_decoder_norm,
             l0_coefficient=coefficient if arch == "jumprelu" else 0.0,
             dead=self.dead if self.aux_coefficient else None, aux_k=self.aux_k, aux_coefficient=self.aux_coefficient,
-            by_hand=self.by_hand, measure=measure,
+            by_hand=self.by_hand, measure=measure or (standard and self.steps % _COUNT_EVERY == 0),
+            sparse=standard and self.density < SPARSE_BELOW,
         )
+        if standard and out.active is not None:
+            self.density = float(out.active) / out.fired.numel() / x.shape[0]
         if not torch.isfinite(out.total):
             for parameter in self.parameters:
                 parameter.grad = None
