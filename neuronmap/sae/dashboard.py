@@ -245,7 +245,8 @@ def feature_blob(statistics: FeatureStatistics, latent: int) -> bytes:
         contexts += interval.contexts
     ids = [token for context in contexts for token in context.ids]
     acts = [value for context in contexts for value in context.activations]
-    rows = torch.tensor([c.row - c.marked + j for c in contexts for j in range(len(c.ids))], dtype=torch.long)
+    rows = torch.cat([torch.arange(c.row - c.marked, c.row - c.marked + len(c.ids)) for c in contexts]) if contexts else (
+        torch.zeros(0, dtype=torch.long))
     m = min(TOKEN_FEATURES, s.token_feature_ids.shape[1]) if s.token_feature_ids.numel() else 0
     feature_ids = s.token_feature_ids[rows][:, :m] if m and len(rows) else torch.zeros((len(rows), 0), dtype=torch.int32)
     feature_values = s.token_feature_values[rows][:, :m] if m and len(rows) else torch.zeros((len(rows), 0))

@@ -481,7 +481,8 @@ class FeatureStatistics(Renders):
 
     def texts(self, ids: Sequence[int]) -> list[str]:
         """The text of each token id (decoded once, then remembered)."""
-        missing = sorted({int(i) for i in ids} - self._text_cache.keys())
+        cache = self._text_cache
+        missing = sorted({int(i) for i in ids if int(i) not in cache})
         if missing:
             self._text_cache.update(zip(missing, self._texts(missing)))
         return [self._text_cache[int(i)] for i in ids]
