@@ -7,14 +7,17 @@ hand-written minimal step and against SAELens's trainer, in interleaved rounds.
 sae-lens -e .`; without SAELens installed its rows are left out). `run(...)` returns the rows for
 `benchmarks/sae.py`.
 
-Per architecture (ReLU + L1, TopK with k = 32), each method keeps its own SAE and Adam state, initialised alike, and
-steps on the same four random batches in turn:
+Per architecture (ReLU + L1; ReLU + L1 with about 1% of latents active, as after training, by starting every method
+with b_enc = −2.33 (pre-activations are about N(b_enc, 1) on this data); TopK with k = 32), each method keeps its own
+SAE and Adam state, initialised alike, and steps on the same four random batches in turn:
   hand        the minimal step written out below: encode, activation, decode, loss, `loss.backward()`,
               `torch.optim.Adam` (its default implementation), decoder rows renormalised;
   hand+fused  the same with `torch.optim.Adam(..., fused=True)`: how much of the difference the optimiser makes;
-  neuronmap   `neuronmap.sae.training.Trainer.step` with the same maths as `hand` (ReLU: plain L1 and unit-norm
-              decoder; TopK: no dead latents yet, so no auxiliary loss), counting the active latents only on
-              logging steps as `train` does (`measure=False`), plus its dead-latent tracking;
+  neuronmap   `neuronmap.sae.training.Trainer.step` with the maths of `hand` (ReLU: plain L1 and unit-norm decoder;
+              TopK: no dead latents yet, so no auxiliary loss) plus what its method adds: the gradient along each
+              decoder row projected out before the step, dead-latent tracking; counting the active latents only
+              on logging steps as `train` does (`measure=False`); its gradients equal autograd's on the same loss
+              (tests/test_sae_architectures.py);
   saelens     `SAETrainer.step` of SAELens's `StandardTrainingSAE` / `TopKTrainingSAE` with their defaults (L1
               weighted by decoder norms, no renormalisation, gradient clipping, the TopK decoder-norm rescaling).
 Every round runs each (architecture, method) once, in an order rotated each round, after two untimed warm-up
@@ -33,10 +36,12 @@ from collections.abc import Callable
 import torch
 
 D_IN, D_SAE, BATCH, K, L1, LR = 768, 6144, 4096, 32, 5.0, 1e-4
+ARCHITECTURES = ("relu", "relu-sparse", "topk")
+SPARSE_B_ENC = -2.326  # P(N(0, 1) > 2.326) = 1%: the share of latents active in "relu-sparse"
 METHODS = ("hand", "hand+fused", "neuronmap", "saelens")
 
 
-def run(rounds: int = 9, threads: int = 2, architectures: tuple[str, ...] = ("relu", "topk"), k: int = K,
+def run(rounds: int = 9, threads: int = 2, architectures: tuple[str, ...] = ARCHITECTURES, k: int = K,
         progress: bool = True) -> list[dict]:
     """Time every method on every architecture; one row per (architecture, method)."""
     torch.set_num_threads(threads)
@@ -82,7 +87,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| architecture | method | tokens/s | wall ms/step | CPU ms/step | × hand-written (wall) | × hand-written (CPU) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        arch = "TopK (k=%d)" % r["k"] if r["architecture"] == "topk" else "ReLU + L1"
+        arch = {"topk": f"TopK (k={r['k']})", "relu": "ReLU + L1", "relu-sparse": "ReLU + L1, 1% active"}[r["architecture"]]
         lines.append(f"| {arch} | {r['method']} | {r['tokens_per_s']:,.0f} | {r['wall_ms']:,.0f} | {r['cpu_ms']:,.0f} | "
                      f"{r['vs_hand']:.2f} | {r['vs_hand_cpu']:.2f} |")
     return "\n".join(lines)
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--k", type=int, default=K)
-    parser.add_argument("--architectures", default="relu,topk")
+    parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
     parser.add_argument("--json", action="store_true", help="print the rows as JSON on the last line")
     args = parser.parse_args(argv)
     rows = run(args.rounds, args.threads, tuple(args.architectures.split(",")), args.k)
@@ -106,15 +111,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
 # --- the methods ---------------------------------------------------------------------------------------------------
 
 
-def _initial_weights() -> tuple[torch.Tensor, ...]:
-    """W_enc, b_enc, W_dec, b_dec as every method starts: unit-norm random decoder rows, W_enc = W_decᵀ, zero biases."""
+def _initial_weights(arch: str) -> tuple[torch.Tensor, ...]:
+    """W_enc, b_enc, W_dec, b_dec as every method starts: unit-norm random decoder rows, W_enc = W_decᵀ, zero biases
+    (b_enc at `SPARSE_B_ENC` for "relu-sparse")."""
     W_dec = torch.randn(D_SAE, D_IN, generator=torch.Generator().manual_seed(0))
     W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    return W_dec.T.contiguous(), torch.zeros(D_SAE), W_dec, torch.zeros(D_IN)
+    b_enc = torch.full((D_SAE,), SPARSE_B_ENC if arch == "relu-sparse" else 0.0)
+    return W_dec.T.contiguous(), b_enc, W_dec, torch.zeros(D_IN)
 
 
 def _hand(arch: str, k: int, fused: bool = False) -> Callable[[torch.Tensor], None]:
-    W_enc, b_enc, W_dec, b_dec = params = [torch.nn.Parameter(t.clone()) for t in _initial_weights()]
+    W_enc, b_enc, W_dec, b_dec = params = [torch.nn.Parameter(t.clone()) for t in _initial_weights(arch)]
     optimizer = torch.optim.Adam(params, lr=LR, fused=fused or None)
 
     def step(x: torch.Tensor) -> None:
@@ -126,7 +133,7 @@ def _hand(arch: str, k: int, fused: bool = False) -> Callable[[torch.Tensor], No
             acts = pre.relu()
         recons = acts @ W_dec + b_dec
         loss = (recons - x).pow(2).sum(-1).mean()
-        if arch == "relu":
+        if arch != "topk":
             loss = loss + L1 * acts.sum(-1).mean()
         loss.backward()
         optimizer.step()
@@ -143,7 +150,7 @@ def _neuronmap(arch: str, k: int) -> Callable[[torch.Tensor], None]:
 
     sae = SAE("topk" if arch == "topk" else "standard", D_IN, D_SAE, k=k if arch == "topk" else None)
     with torch.no_grad():
-        for parameter, value in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), _initial_weights()):
+        for parameter, value in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), _initial_weights(arch)):
             parameter.copy_(value)
     trainer = Trainer(sae, 10**6, lr=LR, lr_decay_steps=0, l1_coefficient=L1, l1_by_decoder_norm=False,
                       sparsity_warmup_steps=0, unit_norm_decoder=True, dead_after_tokens=10**9)
@@ -163,7 +170,7 @@ def _saelens(arch: str, k: int) -> Callable[[torch.Tensor], None] | None:
     else:
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, l1_coefficient=L1, device="cpu"))
     with torch.no_grad():
-        for parameter, value in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), _initial_weights()):
+        for parameter, value in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), _initial_weights(arch)):
             parameter.copy_(value)
     config = SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=BATCH, lr=LR, lr_end=LR,
                               device="cpu", logger=LoggingConfig(log_to_wandb=False))

@@ -245,18 +245,31 @@ def test_aux_k_loss_is_zero_without_dead_latents():
 
 def test_batchtopk_threshold_follows_the_smallest_kept_activation():
     sae = make_sae("batchtopk")
-    first = torch.tensor([[0.0, 0.5, 2.0], [0.3, 0.0, 0.0]], dtype=torch.float64)
-    losses.update_batchtopk_threshold(sae, first, rate=0.1)
-    assert torch.equal(sae.threshold, torch.full((D_SAE,), 0.3, dtype=torch.float64))  # the first batch sets it
+    losses.update_batchtopk_threshold(sae, torch.tensor([[0.0, 0.5, 2.0], [0.3, 0.0, 0.0]], dtype=torch.float64), 1.0)
+    assert torch.equal(sae.threshold, torch.full((D_SAE,), 0.3, dtype=torch.float64))
     losses.update_batchtopk_threshold(sae, torch.tensor([0.0, 0.8, 1.1], dtype=torch.float64), rate=0.1)
-    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.9 * 0.3 + 0.1 * 0.8, dtype=torch.float64))
+    expected = torch.full((D_SAE,), 0.9 * 0.3 + 0.1 * 0.8, dtype=torch.float64)
+    torch.testing.assert_close(sae.threshold.detach(), expected)
     losses.update_batchtopk_threshold(sae, torch.zeros(3, 3, dtype=torch.float64), rate=0.1)  # nothing kept: no change
-    torch.testing.assert_close(sae.threshold, torch.full((D_SAE,), 0.9 * 0.3 + 0.1 * 0.8, dtype=torch.float64))
+    torch.testing.assert_close(sae.threshold.detach(), expected)
     sae.eval()  # in eval mode the SAE is the JumpReLU SAE with that threshold
     x = data()
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
-    expected = torch.where(pre > 0.35, pre, torch.zeros_like(pre))
-    torch.testing.assert_close(sae.encode(x), expected.detach())
+    torch.testing.assert_close(sae.encode(x), torch.where(pre > 0.35, pre, torch.zeros_like(pre)).detach())
+
+
+def test_the_trainer_averages_the_first_thresholds_then_moves_by_the_rate():
+    sae, x = make_sae("batchtopk"), data()
+    trainer = Trainer(sae, 400, lr=1e-9, threshold_rate=0.25)  # lr ~ 0: the same smallest kept activation each step
+    sae.train()
+    minima = []
+    for scale in (1.0, 2.0, 0.5, 3.0, 1.5):
+        acts = sae.encode_with_pre(x * scale)[0].detach()
+        minima.append(float(acts[acts > 0].min()))
+        trainer.step(x * scale)
+    expected = sum(minima[:4]) / 4  # a running mean while 1 / (steps so far) ≥ rate
+    expected = 0.75 * expected + 0.25 * minima[4]
+    assert float(sae.threshold[0].detach()) == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_trainer_step_updates_the_batchtopk_threshold_from_the_kept_activations():

@@ -319,3 +319,21 @@ def test_the_progress_bar_shows_live_metrics(synthetic, capsys):
         train(synthetic[0], architecture="topk", d_sae=64, k=4, tokens=4096, batch_size=512, progress=True)
     err = capsys.readouterr().err
     assert "training topk SAE" in err and "L0 4.0" in err and "explained var" in err and "dead" in err
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_an_sae_with_decoder_norm_rescaling_trains_and_reads_raw_activations(synthetic, architecture):
+    x = synthetic[0][:50_000] * 40.0
+    sae = SAE(architecture, 64, 256, k=3, seed=0, rescale_acts_by_decoder_norm=True)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, 256)[:, None])  # uneven decoder norms: the rescaling matters
+        sae.b_dec.copy_(x.mean(0))
+    train(x, sae=sae, tokens=60_000, batch_size=1024, lr=3e-3, unit_norm_decoder=False, progress=False)
+    assert sae.cfg.metadata["training"]["input_scale"] != pytest.approx(1.0, rel=0.1)
+    sample = x[:8192]
+    with torch.no_grad():
+        explained = 1 - (sae(sample) - sample).pow(2).sum() / (sample - sample.mean(0)).pow(2).sum()
+        l0 = float((sae.encode(sample) > 0).sum(-1).float().mean())
+    # on raw activations the returned SAE does what it did on the scaled ones in training
+    assert float(explained) == pytest.approx(sae.training_log.last["explained_variance"], abs=0.05)
+    assert float(explained) > 0.3 and 1.5 < l0 < 4.5

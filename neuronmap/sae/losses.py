@@ -115,13 +115,14 @@ def aux_k_loss(sae: SAE, x: torch.Tensor, recons: torch.Tensor, pre: torch.Tenso
 
 @torch.no_grad()
 def update_batchtopk_threshold(sae: SAE, acts: torch.Tensor, rate: float = 0.01) -> None:
-    """Move BatchTopK's inference threshold toward this batch's smallest positive kept activation, by `rate` (an
-    exponential moving average, as SAELens's `topk_threshold`), and store it in every latent of `sae.threshold`, so
-    that in eval mode the SAE is the JumpReLU SAE with that threshold. The first batch sets it outright (SAELens
-    starts from 0, which a short run never climbs out of). A batch with nothing kept leaves it as it is."""
+    """Move BatchTopK's inference threshold toward this batch's smallest positive kept activation by `rate` (SAELens's
+    `topk_threshold`; the trainer uses rate max(0.01, 1 / batches so far), a running mean before it becomes an
+    exponential moving average, so a short run is not dragged toward SAELens's start at 0), and store it in every
+    latent of `sae.threshold`, so that in eval mode the SAE is the JumpReLU SAE with that threshold. A batch with
+    nothing kept leaves it as it is."""
     smallest = torch.where(acts > 0, acts, torch.full_like(acts, torch.inf)).min().to(sae.threshold.dtype)
     current = sae.threshold[:1]
-    updated = torch.where(current > 0, (1 - rate) * current + rate * smallest, smallest)
+    updated = (1 - rate) * current + rate * smallest
     sae.threshold.copy_(torch.where(torch.isfinite(smallest), updated, current).expand_as(sae.threshold))
 
 

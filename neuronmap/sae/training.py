@@ -97,7 +97,8 @@ def train(
     (default 5% of the steps). The auxiliary-k loss (`aux_coefficient`, default 1/32 for TopK and BatchTopK, 0
     otherwise) lets the top `aux_k` (default d_in / 2) dead latents reconstruct the residual; a latent is dead once
     it has not fired for `dead_after_tokens` tokens (default a tenth of the run, at most 10M). BatchTopK's inference
-    threshold follows the smallest kept activation (moving average, rate `threshold_rate`).
+    threshold follows the smallest kept activation of each batch (their mean over the first 1 / `threshold_rate`
+    batches, then an exponential moving average at that rate).
 
     **Optimisation.** Adam (β 0.9, 0.999) at `lr`, warmed up linearly over `lr_warmup_steps`, decayed to 0 over the
     last `lr_decay_steps` (default: 20% of the steps for "linear", every step after warm-up for "cosine"; "constant"
@@ -285,7 +286,7 @@ class Trainer:
             if arch == "jumprelu":
                 sae.threshold.clamp_(min=0.0)  # below 0 the gate would pass negative pre-activations (SAELens)
             elif arch == "batchtopk":
-                losses.update_batchtopk_threshold(sae, out.kept, self.threshold_rate)
+                losses.update_batchtopk_threshold(sae, out.kept, max(self.threshold_rate, 1 / (self.steps + 1)))
             self.since_fired.add_(x.shape[0]).masked_fill_(out.fired, 0)
         self.steps += 1
         self.tokens += x.shape[0]
@@ -446,13 +447,16 @@ def _prepare(sae: SAE, new: bool, scale: float, sample: torch.Tensor, b_dec_init
 
 @torch.no_grad()
 def _fold_scale(sae: SAE, scale: float) -> None:
-    """Turn an SAE for inputs × `scale` into the same SAE for raw inputs (pre-activations, and so thresholds, are
-    unchanged; the reconstruction is divided by `scale`)."""
+    """Turn an SAE for inputs × `scale` into the same SAE for raw inputs: pre-activations, and so thresholds, are
+    unchanged, the reconstruction is divided by `scale` (and decoder-norm-rescaled pre-activations with it, so a
+    BatchTopK threshold in those units is too, as SAELens folds it)."""
     if scale == 1.0:
         return
     sae.W_enc.mul_(scale)
     sae.W_dec.div_(scale)
     sae.b_dec.div_(scale)
+    if sae.cfg.architecture == "batchtopk" and sae.cfg.rescale_acts_by_decoder_norm:
+        sae.threshold.div_(scale)
 
 
 def _settings(sae: SAE, stream: Any, tokens: int, batch_size: int, seed: int, scale: float,
