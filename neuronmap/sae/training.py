@@ -332,7 +332,7 @@ class _Run:
             variance = (x - x.mean(0)).pow(2).sum()
             values = torch.stack([out.total, out.mse, out.sparsity, out.aux, out.active.to(out.mse.dtype) / n,
                                   out.mse / (d_in * self.scale**2), 1 - out.mse * n / variance,
-                                  trainer.dead.double().mean().to(out.mse.dtype)]).tolist()
+                                  trainer.dead.to(out.mse.dtype).mean()]).tolist()
         names = ("loss", "mse_loss", "sparsity_loss", "aux_loss", "l0", "mse", "explained_variance", "dead_fraction")
         row = {"step": trainer.steps, "tokens": trainer.tokens, **dict(zip(names, values)), "lr": lr,
                "sparsity_coefficient": coefficient}
@@ -366,8 +366,8 @@ class _Run:
 
 def geometric_median(x: torch.Tensor, iterations: int = 100, tolerance: float = 1e-6) -> torch.Tensor:
     """The point minimising the summed Euclidean distance to the rows of `x [rows, d]` (Weiszfeld's iterations from
-    the mean, in float64), returned in `x`'s dtype."""
-    points = x.double()
+    the mean, in float64 where the device has it), returned in `x`'s dtype."""
+    points = _wide(x)
     median = points.mean(0)
     for _ in range(iterations):
         weights = 1.0 / (points - median).norm(dim=-1).clamp_min(1e-12)
@@ -417,7 +417,7 @@ def _check_given(sae: SAE, stream: Any, architecture: str, d_sae: int | None, k:
 
 def _input_scale(sample: torch.Tensor) -> float:
     """√d_in / the mean norm of the sample: the factor that gives activations a mean norm of √d_in."""
-    mean_norm = float(sample.double().norm(dim=-1).mean())
+    mean_norm = float(_wide(sample).norm(dim=-1).mean())
     if not math.isfinite(mean_norm) or mean_norm == 0:
         raise SAEError(f"the first activations have a mean norm of {mean_norm}: they cannot be scaled (normalize_inputs=False "
                        "trains on them as they are)")
@@ -486,6 +486,11 @@ def _record(sae: SAE, log: TrainingLog, stopped: str, passes: int | None) -> Non
         **settings, "stopped": stopped, "steps": int(last.get("step", 0)), "tokens_trained": int(last.get("tokens", 0)),
         "final": {name: last[name] for name in ("l0", "mse", "explained_variance", "dead_fraction") if name in last},
     }
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float64 for sums over many rows (float32 on Apple's MPS, which has no float64)."""
+    return x.float() if x.device.type == "mps" else x.double()
 
 
 def _check_settings(arguments: dict[str, Any]) -> None:
