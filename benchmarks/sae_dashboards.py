@@ -5,7 +5,7 @@ bare forward to the hook plus the SAE's encode, on the same model, SAE and token
     .saedash-venv/bin/pip install -c constraints.txt torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
     .saedash-venv/bin/pip install -c constraints.txt sae-dashboard==0.8.0 "pyarrow<18"
     .saedash-venv/bin/pip uninstall -y torchvision torchaudio   # built for other torch versions; nothing here uses them
-    .venv/bin/python benchmarks/sae_dashboards.py --sequences 2000 8000 --rounds 2
+    .venv/bin/python benchmarks/sae_dashboards.py --sequences 2000 8000 --rounds 2 --pairs 3
 
 (`pyarrow<18`: sae-dashboard's transformer-lens 2.17 pins numpy<2, which the newest pyarrow refuses.)
 
@@ -16,12 +16,14 @@ loaded by both. `rescale_acts_by_decoder_norm` is on: with unit-norm rows it cha
 refuses a TopK SAE without it (it folds decoder norms into the encoder first). sae-dashboard gets a
 `HookedSAETransformer` built offline from the same weights (TransformerLens's GPT-2 conversion, no processing).
 
-Every measurement runs in a child process of its own, on one thread, in interleaved rounds (the order rotates):
-  bare        the HF model's forward stopped at block 1 by a hook, then `sae.encode`, batches of 32 sequences:
-              the least any tool must do to see every latent's activations;
-  neuronmap   `nm.sae.feature_statistics(sae, model, tokens)`: every latent's top-k with contexts, histogram,
-              density, max, mean, interval samples, per-token top latents (one pass, batches of 32); then its logit
-              effects (weights only); then the static page (32 dashboards embedded, all latents listed) and a page
+Each round runs, per number of sequences, two child processes on one thread each:
+  pairs       `--pairs` pairs, alternating which goes first, of
+                bare       the HF model's forward stopped after block 1 by a hook, then `sae.encode`, batches of 32
+                           sequences: the least any tool must do to see every latent's activations, and
+                neuronmap  `nm.sae.feature_statistics(sae, model, tokens)`: every latent's top-k with contexts,
+                           histogram, density, max, mean, interval samples, per-token top latents (batches of 32);
+              (pairs in one process, back to back, so a busy machine slows both alike), then NeuronMap's logit
+              effects (weights only), its static page (32 dashboards embedded, all latents listed) and a page
               embedding all 512 dashboards;
   saedash     `SaeVisRunner(SaeVisConfig(hook_point, features=range(512))).run(...)` with its defaults, then
               `save_feature_centric_vis` for all 512 features and for the first 32.
@@ -50,34 +52,35 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def benchmark(sequences=(2000, 8000), rounds: int = 2, out_dir: Path = OUT, saedash_python: Path = SAEDASH_PYTHON,
-              progress: bool = True) -> dict:
-    """Every measurement of the module doc; the combined `benchmarks/sae.py` calls this."""
+def benchmark(sequences=(2000, 8000), rounds: int = 2, pairs: int = 3, out_dir: Path = OUT,
+              saedash_python: Path = SAEDASH_PYTHON, progress: bool = True) -> dict:
+    """Every measurement of the module doc: `rounds` rounds, each of them, per number of sequences, `pairs` bare /
+    NeuronMap pairs in one process and then one sae-dashboard run; the combined `benchmarks/sae.py` calls this."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _child(sys.executable, "prepare", max(sequences), out_dir)
-    runs = {(phase, n): [] for phase in ("bare", "neuronmap", "saedash") for n in sequences}
+    runs = {(phase, n): [] for phase in ("pairs", "saedash") for n in sequences}
     load = []
     for round_ in range(rounds):
         for n in sequences:
-            order = ["bare", "neuronmap", "saedash"]
-            order = order[round_ % 3:] + order[: round_ % 3]
-            for phase in order:
+            for phase in ("pairs", "saedash"):
                 python = saedash_python if phase == "saedash" else sys.executable
-                result = _child(python, phase, n, out_dir)
+                result = _child(python, phase, n, out_dir, pairs)
                 runs[(phase, n)].append(result)
                 load.append(os.getloadavg()[0])
                 if progress:
-                    print(f"round {round_ + 1} {phase:9s} {n:5d} sequences: {result['wall_s']:.1f} s", flush=True)
+                    took = [f"{r['wall_s']:.1f}" for r in result["neuronmap"]] if phase == "pairs" else [f"{result['wall_s']:.1f}"]
+                    print(f"round {round_ + 1} {n:5d} sequences: {phase} {', '.join(took)} s", flush=True)
     render = _child(sys.executable, "render", max(sequences), out_dir)
     return {"runs": {f"{phase}:{n}": value for (phase, n), value in runs.items()}, "render": render,
-            "sequences": list(sequences), "rounds": rounds, "load": load}
+            "sequences": list(sequences), "rounds": rounds, "pairs": pairs, "load": load}
 
 
-def _child(python, phase: str, n: int, out_dir: Path) -> dict:
+def _child(python, phase: str, n: int, out_dir: Path, pairs: int = 1) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([str(python), __file__, "--phase", phase, "--sequences", str(n), "--out-dir", str(out_dir)],
+    command = [str(python), __file__, "--phase", phase, "--sequences", str(n), "--out-dir", str(out_dir), "--pairs", str(pairs)]
+    done = subprocess.run(command,
                           capture_output=True, text=True, env=env, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{phase} ({n} sequences) failed:\n{done.stderr[-4000:]}")
@@ -87,7 +90,7 @@ def _child(python, phase: str, n: int, out_dir: Path) -> dict:
 # --- the phases, each in its own process ------------------------------------------------------------------------------
 
 
-def prepare(n: int, out: Path) -> dict:
+def prepare(n: int, out: Path, count: int = 1) -> dict:
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -119,37 +122,9 @@ def _tokens(out: Path, n: int):
     return torch.load(out / "tokens.pt", weights_only=True)[:n]
 
 
-def bare(n: int, out: Path) -> dict:
-    import torch
-    import transformers
-
-    from neuronmap.sae import SAE
-
-    tokens = _tokens(out, n)
-    model = transformers.GPT2LMHeadModel.from_pretrained(out / "model").eval()
-    sae = SAE.load(out / "sae")
-
-    class Stop(Exception):
-        pass
-
-    def stop(module, args, output):
-        raise Stop(output[0] if isinstance(output, tuple) else output)
-
-    model.transformer.h[1].register_forward_hook(stop)
-
-    def run(rows):
-        with torch.no_grad():
-            for batch in rows.split(BATCH):
-                try:
-                    model.transformer(input_ids=batch, use_cache=False)
-                except Stop as caught:
-                    sae.encode(caught.args[0])
-
-    run(tokens[:BATCH])  # warm-up, untimed
-    return _timed(lambda: run(tokens))
-
-
-def neuronmap(n: int, out: Path) -> dict:
+def pairs(n: int, out: Path, count: int) -> dict:
+    """`count` pairs of the bare reference and NeuronMap's statistics, alternating (which goes first alternates too),
+    then NeuronMap's logit effects and pages once."""
     import neuronmap as nm
     from neuronmap.sae import SAE
     from neuronmap.sae.features import feature_statistics
@@ -157,21 +132,53 @@ def neuronmap(n: int, out: Path) -> dict:
     tokens = _tokens(out, n)
     model = nm.load(str(out / "model"))
     sae = SAE.load(out / "sae")
-    feature_statistics(sae, model, tokens[:BATCH], batch_size=BATCH, progress=False)  # warm-up, untimed
-    result = _timed(lambda: feature_statistics(sae, model, tokens, batch_size=BATCH, progress=False))
-    stats = result.pop("result")
+    reference = _bare(model.module, sae)
+    statistics_of = lambda rows: feature_statistics(sae, model, rows, batch_size=BATCH, progress=False)
+    reference(tokens[:BATCH]), statistics_of(tokens[:BATCH])  # warm-up, untimed
+    measured, stats = {"bare": [], "neuronmap": []}, None
+    for pair in range(count):
+        order = [("bare", reference), ("neuronmap", statistics_of)]
+        for name, call in order if pair % 2 == 0 else order[::-1]:
+            result = _timed(lambda: call(tokens))
+            kept = result.pop("result")
+            stats = kept if name == "neuronmap" else stats
+            measured[name].append(result)
     logits = _timed(lambda: stats.logits)
     page, full = out / f"neuronmap-{n}.html", out / f"neuronmap-all-{n}.html"
     written = _timed(lambda: stats.save_html(page))
     everything = _timed(lambda: stats.browser(n=512, budget=10**9).save_html(full))
-    agreement = {"max": stats.max.tolist(), "density": stats.density.tolist(),
-                 "top": stats.top_values[:, 0].tolist()}
+    agreement = {"max": stats.max.tolist(), "density": stats.density.tolist()}
     (out / f"neuronmap-{n}.json").write_text(json.dumps(agreement))
-    return {**result, "logits_s": logits["wall_s"], "page_s": written["wall_s"], "page_bytes": page.stat().st_size,
+    return {**measured, "logits_s": logits["wall_s"], "page_s": written["wall_s"], "page_bytes": page.stat().st_size,
             "page_all_s": everything["wall_s"], "page_all_bytes": full.stat().st_size, "tokens": stats.n_tokens}
 
 
-def saedash(n: int, out: Path) -> dict:
+def _bare(model, sae):
+    """The HF model's forward stopped after block 1 by a hook that raises, then `sae.encode`, batch by batch."""
+    import torch
+
+    class Stop(Exception):
+        pass
+
+    def stop(module, args, output):
+        raise Stop(output[0] if isinstance(output, tuple) else output)
+
+    def run(rows):
+        handle = model.transformer.h[1].register_forward_hook(stop)
+        try:
+            with torch.no_grad():
+                for batch in rows.split(BATCH):
+                    try:
+                        model.transformer(input_ids=batch, use_cache=False)
+                    except Stop as caught:
+                        sae.encode(caught.args[0])
+        finally:
+            handle.remove()
+
+    return run
+
+
+def saedash(n: int, out: Path, count: int = 1) -> dict:
     import torch
     import transformers
     from sae_dashboard.data_writing_fns import save_feature_centric_vis
@@ -219,7 +226,7 @@ def saedash(n: int, out: Path) -> dict:
             "page_32_bytes": first.stat().st_size, "logit_difference_to_hf": same}
 
 
-def render(n: int, out: Path) -> dict:
+def render(n: int, out: Path, count: int = 1) -> dict:
     """What each page shows in Chromium with every request leaving the machine refused."""
     from playwright.sync_api import sync_playwright
 
@@ -264,31 +271,37 @@ def _timed(call) -> dict:
 
 
 def markdown(results: dict) -> str:
+    """The results as two Markdown tables: times (medians, and the spread of the paired ratios), then pages."""
     runs = results["runs"]
-    median = lambda values: statistics.median(values)
+    median = statistics.median
+    spread = lambda values: f"{median(values):.2f}× ({min(values):.2f}–{max(values):.2f})"
     lines = [
         "| sequences (× 64 tokens) | bare forward to the hook + encode | NeuronMap statistics, all 512 latents | "
-        "NeuronMap ÷ bare (wall, CPU) | sae-dashboard, all 512 latents | sae-dashboard ÷ NeuronMap |",
-        "|---|---|---|---|---|---|",
+        "NeuronMap ÷ bare, wall | NeuronMap ÷ bare, CPU | sae-dashboard, all 512 latents | sae-dashboard ÷ NeuronMap |",
+        "|---|---|---|---|---|---|---|",
     ]
     for n in results["sequences"]:
-        bare_runs, nm_runs, sd_runs = runs[f"bare:{n}"], runs[f"neuronmap:{n}"], runs[f"saedash:{n}"]
-        ratio_wall = median([a["wall_s"] / b["wall_s"] for a, b in zip(nm_runs, bare_runs)])
-        ratio_cpu = median([a["cpu_s"] / b["cpu_s"] for a, b in zip(nm_runs, bare_runs)])
-        speedup = median([a["wall_s"] / b["wall_s"] for a, b in zip(sd_runs, nm_runs)])
+        pair_runs, sd_runs = runs[f"pairs:{n}"], runs[f"saedash:{n}"]
+        bare = [r for p in pair_runs for r in p["bare"]]
+        mine = [r for p in pair_runs for r in p["neuronmap"]]
+        wall = [a["wall_s"] / b["wall_s"] for a, b in zip(mine, bare)]
+        cpu = [a["cpu_s"] / b["cpu_s"] for a, b in zip(mine, bare)]
+        # each sae-dashboard run against the median NeuronMap run of the pairs just before it
+        speedup = [s["wall_s"] / median([r["wall_s"] for r in p["neuronmap"]]) for s, p in zip(sd_runs, pair_runs)]
         lines.append(
-            f"| {n:,} | {median([r['wall_s'] for r in bare_runs]):.2f} s | {median([r['wall_s'] for r in nm_runs]):.2f} s | "
-            f"{ratio_wall:.2f}×, {ratio_cpu:.2f}× | {median([r['wall_s'] for r in sd_runs]):.1f} s | {speedup:.1f}× |"
+            f"| {n:,} | {median([r['wall_s'] for r in bare]):.2f} s | {median([r['wall_s'] for r in mine]):.2f} s"
+            f" | {spread(wall)} | {spread(cpu)} | {median([r['wall_s'] for r in sd_runs]):.1f} s | {spread(speedup)} |"
         )
-    lines += ["", "| sequences | NeuronMap logit effects | NeuronMap page (32 dashboards, 512 listed) | NeuronMap page, all 512 "
-              "dashboards | sae-dashboard page, 512 features | sae-dashboard page, 32 features |", "|---|---|---|---|---|---|"]
+    lines += ["", "| sequences | NeuronMap logit effects (all 512) | NeuronMap page: 32 dashboards, 512 listed | NeuronMap "
+              "page: all 512 dashboards | sae-dashboard page: 512 features | sae-dashboard page: 32 features |",
+              "|---|---|---|---|---|---|"]
+    mb = lambda size: f"{size / 1e6:.2f} MB"
     for n in results["sequences"]:
-        nm_runs, sd_runs = runs[f"neuronmap:{n}"], runs[f"saedash:{n}"]
-        mb = lambda size: f"{size / 1e6:.2f} MB"
+        pair_runs, sd_runs = runs[f"pairs:{n}"], runs[f"saedash:{n}"]
         lines.append(
-            f"| {n:,} | {median([r['logits_s'] for r in nm_runs]):.2f} s | {mb(nm_runs[-1]['page_bytes'])} in "
-            f"{median([r['page_s'] for r in nm_runs]):.2f} s | {mb(nm_runs[-1]['page_all_bytes'])} in "
-            f"{median([r['page_all_s'] for r in nm_runs]):.2f} s | {mb(sd_runs[-1]['page_bytes'])} in "
+            f"| {n:,} | {median([r['logits_s'] for r in pair_runs]):.2f} s | {mb(pair_runs[-1]['page_bytes'])} in "
+            f"{median([r['page_s'] for r in pair_runs]):.2f} s | {mb(pair_runs[-1]['page_all_bytes'])} in "
+            f"{median([r['page_all_s'] for r in pair_runs]):.2f} s | {mb(sd_runs[-1]['page_bytes'])} in "
             f"{median([r['page_s'] for r in sd_runs]):.1f} s | {mb(sd_runs[-1]['page_32_bytes'])} |"
         )
     return "\n".join(lines)
@@ -297,17 +310,18 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequences", type=int, nargs="+", default=[2000, 8000])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each running sae-dashboard once")
     parser.add_argument("--out-dir", type=Path, default=OUT)
     parser.add_argument("--saedash-python", type=Path, default=SAEDASH_PYTHON)
-    parser.add_argument("--phase", choices=["prepare", "bare", "neuronmap", "saedash", "render"])
+    parser.add_argument("--pairs", type=int, default=3, help="bare / NeuronMap pairs per round, in one process")
+    parser.add_argument("--phase", choices=["prepare", "pairs", "saedash", "render"])
     parser.add_argument("--json", type=Path, help="also write every number here")
     args = parser.parse_args()
     if args.phase:
         phase = globals()[args.phase]
-        print(json.dumps(phase(args.sequences[0], args.out_dir)))
+        print(json.dumps(phase(args.sequences[0], args.out_dir, args.pairs)))
         return
-    results = benchmark(args.sequences, args.rounds, args.out_dir, args.saedash_python)
+    results = benchmark(args.sequences, args.rounds, args.pairs, args.out_dir, args.saedash_python)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(markdown(results))

@@ -64,7 +64,7 @@ def feature_statistics(
     bins: int = 64,
     bands: int = 8,
     band_samples: int = 5,
-    token_features: int = 8,
+    token_features: int = 5,
     logit_tokens: int = 10,
     model: Model | None = None,
     batch_size: int = 32,
@@ -98,6 +98,7 @@ def feature_statistics(
             with torch.no_grad():
                 acts = sae.encode(batch.activations.to(device=sae.W_enc.device))
             acts = acts.float() if latents is None else acts[:, latents.to(acts.device)].float()
+            batch.sequences = batch.sequences.to(acts.device)
             if accumulator is None:
                 accumulator = _Accumulator(acts.shape[1], settings, acts.device, seed)
             accumulator.add(acts, batch)
@@ -206,7 +207,7 @@ class _ModelStream:
             sequences = torch.repeat_interleave(torch.arange(first, first + len(lengths)), lengths)
             tokens = trace.tokens.to(mask.device)[mask].cpu()
             activations = acts[mask]
-            yield _Batch(activations, slice(0, len(tokens)), tokens, sequences.to(acts.device), row)
+            yield _Batch(activations, slice(0, len(tokens)), tokens, sequences, row)
             row += len(tokens)
 
     def texts(self, ids: list[int]) -> list[str]:
