@@ -93,8 +93,9 @@ def static_page(name: str, data: dict[str, Any], fallback_html: str) -> str:
     """
     script, css = front_end(name)
     payload = json.dumps(data, separators=(",", ":"))
-    # JSON inside <script> must not be able to close the tag or open a comment
-    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    # JSON inside <script> must not be able to close the tag or open a comment; no "/" at all keeps base64 data from
+    # ever spelling a path such as "/tmp" in a saved notebook
+    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("/", "\\u002f")
     module_body = _module_body(script, name)
     # A classic script in a function scope: it can find its own element (modules have no currentScript), runs
     # once per output, and several outputs on one page do not share names.

@@ -92,9 +92,8 @@ def check_ce_loss_recovered(answer: Any, sae: Any, model: Any, texts: Sequence[s
     except (TypeError, ValueError):
         return failed(f"the answer should be one number; got a {type(answer).__name__}", solution, reveal)
     if abs(value - expected) <= 1e-3:
-        return passed(f"CE loss recovered {expected:.4f}: splicing the SAE in costs "
-                      f"{losses['spliced'] - losses['clean']:.4f} nats of the {losses['zero'] - losses['clean']:.4f} "
-                      f"that zeroing the activation costs")
+        return passed(f"CE loss recovered {expected:.4f}, from the mean next-token losses of the clean run, the run "
+                      f"with the SAE spliced in and the run with the activation zeroed")
     inverted = (losses["spliced"] - losses["clean"]) / (losses["zero"] - losses["clean"])
     if abs(value - inverted) <= 1e-3:
         return failed("that is the share of the loss the SAE does not recover: 1 minus the answer", solution, reveal)
