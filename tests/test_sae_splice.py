@@ -150,3 +150,19 @@ def test_bad_splices_name_the_problem(model, width):
     with pytest.raises(nm.InputError, match="cannot splice"):
         model.run(PROMPTS, saes={HOOK: torch.nn.Linear(2, 2)})
     assert model.list_hooks() == [] and not any("hook_sae" in n for n in model.hook_names)
+
+
+@pytest.mark.parametrize("architecture, rescale", [("jumprelu", False), ("batchtopk", False), ("batchtopk", True)])
+def test_normalizing_the_decoder_keeps_latents_and_reconstructions(architecture, rescale):
+    sae = SAE(architecture, d_in=16, d_sae=64, k=4 if architecture == "batchtopk" else None, seed=0,
+              rescale_acts_by_decoder_norm=rescale)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(64, 1, generator=g) * 2 + 0.5)  # unequal decoder norms
+        sae.threshold.copy_(torch.rand(64, generator=g) * 0.5)
+    x = torch.randn(32, 16, generator=g)
+    before_acts, before = sae.encode(x), sae(x)
+    sae.normalize_decoder()
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(64), atol=1e-6)
+    assert torch.equal(sae.encode(x) > 0, before_acts > 0)
+    assert torch.allclose(sae(x), before, atol=1e-5)

@@ -14,7 +14,7 @@ from .dashboard import FeatureBrowser, FeatureDashboard
 from .features import FeatureStatistics, feature_statistics
 from .history import TrainingLog
 from .metrics import SAEMetrics, evaluate
-from .training import train
+from .training import Trainer, train
 
 __all__ = [
     "ARCHITECTURES",
@@ -24,6 +24,7 @@ __all__ = [
     "SAE",
     "SAEConfig",
     "SAEMetrics",
+    "Trainer",
     "TrainingLog",
     "evaluate",
     "feature_statistics",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +21,9 @@ from ..errors import SAEError
 from ..hooks import HookPoint
 from . import activations
 from .config import SAEConfig
+
+if TYPE_CHECKING:
+    from .history import TrainingLog
 
 HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error", "hook_sae_output")
 
@@ -34,8 +37,11 @@ class SAE(nn.Module):
 
     Build one with `SAE("topk", d_in=64, d_sae=512, k=16, hook_name="blocks.1.hook_resid_post")` (any `SAEConfig`
     field), load one with `SAE.load(folder)` (SAELens's files), splice it into a model with
-    `model.run(..., saes=[sae])` or `with model.spliced(sae): ...`.
+    `model.run(..., saes=[sae])` or `with model.spliced(sae): ...`. `training_log` holds the curves of the run that
+    trained it (`nm.sae.train`), None otherwise.
     """
+
+    training_log: TrainingLog | None = None
 
     def __init__(self, architecture: str | SAEConfig, d_in: int | None = None, d_sae: int | None = None, *,
                  seed: int | None = None, **fields: Any):
@@ -154,8 +160,8 @@ class SAE(nn.Module):
         self.W_dec.div_(norm[:, None])
         self.W_enc.mul_(norm)
         self.b_enc.mul_(norm)
-        if hasattr(self, "threshold"):
-            self.threshold.mul_(norm)
+        if hasattr(self, "threshold") and not self.cfg.rescale_acts_by_decoder_norm:
+            self.threshold.mul_(norm)  # (rescaled pre-activations, and so their threshold, do not change)
 
     def extra_repr(self) -> str:
         cfg = self.cfg
