@@ -89,7 +89,7 @@ class ZooTable(Renders):
 
 def list() -> ZooTable:  # noqa: A001 - `zoo.list()` is the public name
     """Every zoo entry with its card (task, architecture, size, measured mechanisms)."""
-    return ZooTable([_trained_entry(name) for name in TRAINED] + [_minilm_entry()] + [_sae_entry(name) for name in SAES])
+    return ZooTable([_trained_entry(name) for name in TRAINED] + [_minilm_entry()] + [_trained_entry(name, SAES_DIR) for name in SAES])
 
 
 def load(name: str):
@@ -145,25 +145,9 @@ def card(name: str) -> dict[str, Any]:
     return json.loads((path(name) / "card.json").read_text())
 
 
-def _trained_entry(name: str) -> Entry:
-    directory = MODELS_DIR / name
-    if not (directory / "card.json").exists():
-        return Entry(name, "—", None, None, f"not trained yet: python -m neuronmap.zoo.train {name} --replace-shipped", available=False)
-    info = json.loads((directory / "card.json").read_text())
-    return Entry(
-        name=name,
-        architecture=info["architecture"],
-        parameters=info.get("parameters"),
-        size_bytes=sum(f.stat().st_size for f in directory.iterdir() if f.is_file()),
-        task=info["task"],
-        mechanisms=info.get("mechanisms", []),
-        recipe=info.get("recipe", ""),
-        metrics=info.get("metrics", {}),
-    )
-
-
-def _sae_entry(name: str) -> Entry:
-    directory = SAES_DIR / name
+def _trained_entry(name: str, folder: Path = MODELS_DIR) -> Entry:
+    """A trained model's (or, from `SAES_DIR`, an SAE's) entry, read from its card."""
+    directory = folder / name
     if not (directory / "card.json").exists():
         return Entry(name, "—", None, None, f"not trained yet: python -m neuronmap.zoo.train {name} --replace-shipped", available=False)
     info = json.loads((directory / "card.json").read_text())
