@@ -114,6 +114,23 @@ def test_clicking_a_token_lists_the_latents_most_active_on_it(page, stats, tmp_p
     assert page.errors == []
 
 
+def test_the_keyboard_reaches_a_tokens_latents(page, stats, tmp_path):
+    open_view(page, tmp_path, stats)
+    context = stats.top_contexts(stats.browser().features[0])[0]
+    listed = lambda: page.eval_on_selector_all(".nm-sae-picked .nm-sae-feature", "bs => bs.map(b => Number(b.dataset.latent))")
+    page.focus(".nm-sae-context[data-context='0']")
+    page.keyboard.press("Enter")
+    assert listed() == [f for f, _ in stats.features_on(context.row)[:5]]
+    step = 1 if context.marked + 1 < len(context.ids) else -1
+    page.focus(".nm-sae-context[data-context='0']")
+    page.keyboard.press("ArrowRight" if step == 1 else "ArrowLeft")
+    page.keyboard.press("ArrowRight" if step == 1 else "ArrowLeft")
+    page.keyboard.press("Space")
+    moved = min(len(context.ids) - 1, context.marked + 2) if step == 1 else max(0, context.marked - 2)
+    assert listed() == [f for f, _ in stats.features_on(context.row - context.marked + moved)[:5]]
+    assert page.errors == []
+
+
 def test_the_table_sorts_and_searches_by_token(page, stats, tmp_path):
     open_view(page, tmp_path, stats)
     rows = lambda: page.eval_on_selector_all(".nm-sae-table tbody tr", "rows => rows.map(r => Number(r.dataset.latent))")

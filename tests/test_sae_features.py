@@ -173,6 +173,22 @@ def test_logit_effects_are_the_decoder_through_the_final_norm_and_unembedding(ca
     assert [value for _, value in effects["bottom"]] == pytest.approx(bottom.values[7].tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize("hook, d_in", [("blocks.0.attn.hook_z", 128), ("blocks.0.mlp.hook_post", 512)])
+def test_logit_effects_of_a_latent_off_the_residual_stream_go_through_its_output_weights(model, tokens, hook, d_in):
+    extra = {"reshape_activations": "hook_z"} if hook.endswith("hook_z") else {}
+    sae = SAE("topk", d_in=d_in, d_sae=16, k=3, hook_name=hook, seed=0, **extra)
+    stats = feature_statistics(sae, model, tokens[:8], **SETTINGS)
+    block = model.module.transformer.h[0]
+    out = block.attn.c_proj.weight if hook.endswith("hook_z") else block.mlp.c_proj.weight  # Conv1D: [in, out]
+    residual = sae.W_dec.detach() @ out.detach()
+    ln_f = model.module.transformer.ln_f
+    logits = ((residual - residual.mean(-1, keepdim=True)) * ln_f.weight.detach()) @ model.module.lm_head.weight.detach().T
+    assert stats.logits["top_ids"].tolist() == logits.topk(6, dim=1).indices.tolist()
+    with torch.no_grad():
+        acts = sae.encode(model.run(tokens[:8], capture=hook)[hook].flatten(0, 1))  # [token, head, d_head] for hook_z
+    assert stats.n_tokens == 8 * LENGTH and stats.count.tolist() == (acts > 0).sum(0).tolist()
+
+
 def test_interval_samples_are_uniform_even_when_intervals_merge():
     """One latent, its activations arriving over 5 batches and its range doubling twice (so intervals merge): over
     600 seeds every activation of the final top interval is kept equally often, s/n."""

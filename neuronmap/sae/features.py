@@ -205,8 +205,10 @@ class _ModelStream:
             first = len(self.starts) - 1
             self.starts.extend((row + lengths.cumsum(0)).tolist())
             sequences = torch.repeat_interleave(torch.arange(first, first + len(lengths)), lengths)
-            tokens = trace.tokens.to(mask.device)[mask].cpu()
-            activations = acts[mask]
+            if bool(mask.all()):  # no padding: every position is a token, no copy needed
+                tokens, activations = trace.tokens.reshape(-1).cpu(), acts.flatten(0, 1)
+            else:
+                tokens, activations = trace.tokens.to(mask.device)[mask].cpu(), acts[mask]
             yield _Batch(activations, slice(0, len(tokens)), tokens, sequences, row)
             row += len(tokens)
 
@@ -532,15 +534,16 @@ class FeatureStatistics(Renders):
         return self.browser()._repr_html_()
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict:
-        return self.browser()._repr_mimebundle_(include, exclude)
+        return {**self.browser()._repr_mimebundle_(include, exclude), "text/plain": repr(self)}
 
 
 # --- the pass --------------------------------------------------------------------------------------------------------
 
 
 class _Best:
-    """For each of `groups` groups, the `k` highest-scoring items seen (scores sorted, highest first) with their
-    payloads; `empty` marks a free slot (it loses to every real score)."""
+    """For each of `groups` groups, the `k` highest-scoring items seen, in no order, with their payloads; `empty`
+    marks a free slot (it loses to every real score). A merge writes only the items that get in, each into the slot
+    of one it pushes out, so what is kept (context windows) never moves."""
 
     def __init__(self, groups: int, k: int, empty: float, payloads: dict[str, tuple], device: torch.device):
         self.k, self.empty = k, empty
@@ -551,41 +554,35 @@ class _Best:
             for name, (dtype, fill, shape) in payloads.items()
         }
 
-    @property
     def threshold(self) -> torch.Tensor:
         """Each group's k-th best score: only a higher one gets in."""
-        return self.scores[:, -1]
+        return self.scores.amin(1)
 
-    def admit(self, group: torch.Tensor, score: torch.Tensor, **payloads: torch.Tensor) -> torch.Tensor:
-        """Merge candidates into their groups: per group, `topk` over the k kept and its candidates (padded).
+    def admit(self, group: torch.Tensor, score: torch.Tensor, **payloads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Merge candidates into their groups with `topk` over each group's k kept and its candidates (padded), and
+        write the candidates that get in into the slots of the items they push out.
 
-        A payload not given for the candidates gets its fill value where a candidate gets in (the caller fills it in
-        for the few that do). Returns the groups that had candidates.
+        Returns where they went, `(group, slot)`, and which candidates they are, for the caller to fill in payloads
+        it did not give (payloads given are written here).
         """
-        n = group.numel()
-        counts = torch.bincount(group, minlength=self.scores.shape[0])
-        hit = counts.nonzero().squeeze(1)
         order = torch.argsort(group, stable=True)
-        grouped = group[order]
-        slot = torch.arange(n, device=group.device) - (counts.cumsum(0) - counts)[grouped]
-        line = (counts > 0).cumsum(0)[grouped] - 1
+        hit, line, counts = torch.unique_consecutive(group[order], return_inverse=True, return_counts=True)
+        starts = counts.cumsum(0) - counts
+        slot = torch.arange(len(order), device=group.device) - starts[line]
         width = int(counts.max())
-        padded = torch.full((len(hit), width), self.empty, device=score.device)
+        padded = torch.full((len(hit), width), -math.inf, device=score.device)  # below `empty`: never chosen
         padded[line, slot] = score[order]
-        best, pick = torch.cat([self.scores[hit], padded], 1).topk(self.k, dim=1)
-        self.scores[hit] = best
-        old = pick < self.k
-        for name, kept in self.payloads.items():
-            extra = kept.shape[2:]
-            spread = (lambda index: index.view(*index.shape, *([1] * len(extra))).expand(-1, -1, *extra))
-            if name in payloads:
-                pad = torch.zeros((len(hit), width, *extra), dtype=kept.dtype, device=kept.device)
-                pad[line, slot] = payloads[name][order]
-                kept[hit] = torch.cat([kept[hit], pad], 1).gather(1, spread(pick))
-            else:
-                moved = kept[hit].gather(1, spread(pick.clamp(max=self.k - 1)))
-                kept[hit] = moved.masked_fill(~spread(old), self.fills[name])
-        return hit
+        pick = torch.cat([self.scores[hit], padded], 1).topk(self.k, dim=1).indices
+        chosen = torch.zeros((len(hit), self.k + width), dtype=torch.bool, device=group.device).scatter_(1, pick, True)
+        # both lists run row by row, and each row frees as many kept slots as it lets candidates in
+        line_out, slot_out = (~chosen[:, : self.k]).nonzero().unbind(1)
+        line_in, slot_in = chosen[:, self.k :].nonzero().unbind(1)
+        which = order[starts[line_in] + slot_in]
+        groups = hit[line_out]
+        self.scores[groups, slot_out] = score[which]
+        for name, values in payloads.items():
+            self.payloads[name][groups, slot_out] = values[which]
+        return groups, slot_out, which
 
     def take(self, groups: torch.Tensor) -> dict[str, torch.Tensor]:
         """The kept items of `groups` (flattened, free slots left out), and those groups emptied."""
@@ -643,14 +640,16 @@ class _Accumulator:
         first = batch.first_row
         high = (v > self._top_bound().index_select(0, f)).nonzero().squeeze(1)
         if high.numel():
-            hit = self.top.admit(f[high], v[high], row=first + t[high])
-            self._fill_windows(self.top, hit, hit, acts, batch)
+            th, fh = t[high], f[high]
+            groups, slots, which = self.top.admit(fh, v[high], row=first + th)
+            self._put_windows(self.top, groups, slots, th[which], fh[which], acts, batch)
         group = f * self.settings.bands + (bins >> self.band_shift)
         keys = torch.rand(v.shape, generator=self.generator, device=v.device)
-        lucky = (keys > self.samples.threshold.index_select(0, group)).nonzero().squeeze(1)
+        lucky = (keys > self.samples.threshold().index_select(0, group)).nonzero().squeeze(1)
         if lucky.numel():
-            hit = self.samples.admit(group[lucky], keys[lucky], value=v[lucky], row=first + t[lucky])
-            self._fill_windows(self.samples, hit, hit // self.settings.bands, acts, batch)
+            tl, fl = t[lucky], f[lucky]
+            groups, slots, which = self.samples.admit(group[lucky], keys[lucky], value=v[lucky], row=first + tl)
+            self._put_windows(self.samples, groups, slots, tl[which], fl[which], acts, batch)
         if self.settings.token_features:
             ids, values = _per_token_best(t, f, v, rows, self.settings.token_features)
             self.token_ids.append(ids.cpu())
@@ -684,23 +683,17 @@ class _Accumulator:
         reached = (from_top < k).sum(1)  # bins above the one where the count from the top reaches k
         edge = (self.settings.bins - 1 - reached).clamp(min=0) / self._scale()
         edge = torch.where(reached < self.settings.bins, edge, 0.0)
-        return torch.maximum(self.top.threshold, torch.nextafter(edge, torch.full_like(edge, -1.0)))
+        return torch.maximum(self.top.threshold(), torch.nextafter(edge, torch.full_like(edge, -1.0)))
 
     def _scale(self) -> torch.Tensor:
         """What turns an activation into its bin: bins / 2^exponent, per latent (exact: a power of two)."""
         return torch.ldexp(torch.ones_like(self.max), self.log_bins - self.exponent)
 
-    def _fill_windows(self, best: _Best, groups: torch.Tensor, latents: torch.Tensor, acts: torch.Tensor,
-                      batch: _Batch) -> None:
-        """Record the context windows of the items of `groups` (each of latent `latents`) that came in from this
-        batch: only those that got in, not every candidate."""
-        rows = best.payloads["row"][groups]
-        line, slot = (rows >= batch.first_row).nonzero().unbind(1)
-        if line.numel() == 0:
-            return
-        t = rows[line, slot] - batch.first_row
+    def _put_windows(self, best: _Best, groups: torch.Tensor, slots: torch.Tensor, t: torch.Tensor, f: torch.Tensor,
+                     acts: torch.Tensor, batch: _Batch) -> None:
+        """Record the context windows of the items that got in (latent `f` around owned row `t`)."""
         windows = best.payloads["window"]
-        windows.view(-1, windows.shape[-1])[groups[line] * best.k + slot] = self._windows(acts, batch, t, latents[line])
+        windows.view(-1, windows.shape[-1])[groups * best.k + slots] = self._windows(acts, batch, t, f)
 
     def _windows(self, acts: torch.Tensor, batch: _Batch, t: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """Latent `f`'s activations on the context window around owned row `t`: NaN outside its sequence."""
@@ -714,9 +707,10 @@ class _Accumulator:
 
     def result(self, latents: torch.Tensor, stream: Any, hook: str, sae_name: str, logits: _LogitEffects) -> FeatureStatistics:
         s = self.settings
-        top_rows = self.top.payloads["row"].cpu()
-        top_values = self.top.scores.cpu()
+        top_values, order = self.top.scores.cpu().sort(1, descending=True)
+        top_rows = self.top.payloads["row"].cpu().gather(1, order)
         top_rows[top_values <= 0] = -1
+        top_windows = self.top.payloads["window"].cpu().gather(1, order[..., None].expand(-1, -1, s.window))
         samples = self.samples
         filled = (samples.scores >= 0).cpu()
         value = samples.payloads["value"].cpu().masked_fill(~filled, 0.0)
@@ -741,7 +735,7 @@ class _Accumulator:
             histogram=self.histogram.cpu(),
             top_values=top_values,
             top_rows=top_rows,
-            top_windows=self.top.payloads["window"].cpu(),
+            top_windows=top_windows,
             band_values=value,
             band_rows=rows.gather(-1, order),
             band_windows=windows.gather(2, order[..., None].expand(-1, -1, -1, s.window)),

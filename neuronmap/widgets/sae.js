@@ -295,18 +295,23 @@ function render({ model, el }) {
   }
 
   function contextLine(context, index, offset, info, arrays, texts) {
-    const line = node("div", "nm-sae-context");
+    const line = ownKeys(node("div", "nm-sae-context"));
     line.dataset.context = String(index);
+    line.tabIndex = 0;
+    line.setAttribute("role", "group");
     const value = node("span", "nm-sae-value", number(context.value));
     const where = context.position >= 0 ? `sequence ${context.sequence}, position ${context.position}` :
       `document ${context.sequence}`;
     value.title = where;
+    line.setAttribute("aria-label", `context ${index + 1}, activation ${number(context.value)}, ${where}: Enter lists ` +
+      "the latents most active on its top token, the arrow keys move between its tokens");
     const strip = node("span", "nm-sae-tokens");
     for (let j = 0; j < context.n; j++) {
       const id = arrays.ctx_ids[offset + j];
       const act = arrays.ctx_acts[offset + j];
       const text = texts[id] ?? String(id);
-      const span = node("span", "nm-sae-token", shown(text));
+      const span = ownKeys(node("span", "nm-sae-token", shown(text)));
+      span.tabIndex = -1;
       const rgb = shade(act, info.max);
       span.style.background = `rgb(${rgb.join(",")})`;
       span.style.color = textOn(rgb);
@@ -354,6 +359,22 @@ function render({ model, el }) {
     close.setAttribute("aria-label", "close");
     box.replaceChildren(close, heading, list);
   }
+
+  // The keyboard does what the mouse does: a context line takes the focus (Tab), the arrow keys move it along its
+  // tokens, and Enter or Space lists the latents most active on the focused token (the top one, from the line).
+  dash.addEventListener("keydown", (event) => {
+    const line = event.target.closest(".nm-sae-context");
+    if (!line) return;
+    const tokens = [...line.querySelectorAll(".nm-sae-token")];
+    const token = event.target.closest(".nm-sae-token") || line.querySelector(".nm-sae-mark");
+    const at = tokens.indexOf(token);
+    if (event.key === "Enter" || event.key === " ") pick(Number(token.dataset.at));
+    else if (event.key === "ArrowRight" || event.key === "ArrowLeft") {
+      const next = tokens[Math.min(tokens.length - 1, Math.max(0, at + (event.key === "ArrowRight" ? 1 : -1)))];
+      next.focus();
+    } else return;
+    event.preventDefault();
+  });
 
   dash.addEventListener("click", (event) => {
     const token = event.target.closest(".nm-sae-token");
