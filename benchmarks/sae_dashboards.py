@@ -48,32 +48,43 @@ BATCH = 32
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "sae-dashboards-bench"
 SAEDASH_PYTHON = ROOT / ".saedash-venv" / "bin" / "python"
+NEURONMAP_PYTHON = ROOT / ".venv" / "bin" / "python" if (ROOT / ".venv" / "bin" / "python").exists() else Path(sys.executable)
+"""Where NeuronMap's phases and the Chromium check run: the development environment (it has Playwright), whichever
+environment calls `benchmark()`."""
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def benchmark(sequences=(2000, 8000), rounds: int = 2, pairs: int = 3, out_dir: Path = OUT,
-              saedash_python: Path = SAEDASH_PYTHON, progress: bool = True) -> dict:
+              saedash_python: Path = SAEDASH_PYTHON, neuronmap_python: Path = NEURONMAP_PYTHON,
+              progress: bool = True) -> dict:
     """Every measurement of the module doc: `rounds` rounds, each of them, per number of sequences, `pairs` bare /
     NeuronMap pairs in one process and then one sae-dashboard run; the combined `benchmarks/sae.py` calls this."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _child(sys.executable, "prepare", max(sequences), out_dir)
+    _child(neuronmap_python, "prepare", max(sequences), out_dir)
     runs = {(phase, n): [] for phase in ("pairs", "saedash") for n in sequences}
     load = []
     for round_ in range(rounds):
         for n in sequences:
             for phase in ("pairs", "saedash"):
-                python = saedash_python if phase == "saedash" else sys.executable
+                python = saedash_python if phase == "saedash" else neuronmap_python
                 result = _child(python, phase, n, out_dir, pairs)
                 runs[(phase, n)].append(result)
                 load.append(os.getloadavg()[0])
                 if progress:
                     took = [f"{r['wall_s']:.1f}" for r in result["neuronmap"]] if phase == "pairs" else [f"{result['wall_s']:.1f}"]
                     print(f"round {round_ + 1} {n:5d} sequences: {phase} {', '.join(took)} s", flush=True)
-    render = _child(sys.executable, "render", max(sequences), out_dir)
+    render = _child(neuronmap_python, "render", max(sequences), out_dir)
     return {"runs": {f"{phase}:{n}": value for (phase, n), value in runs.items()}, "render": render,
-            "sequences": list(sequences), "rounds": rounds, "pairs": pairs, "load": load}
+            "agreement": {n: _agreement(out_dir, n) for n in sequences}, "sequences": list(sequences),
+            "rounds": rounds, "pairs": pairs, "load": load}
+
+
+def _agreement(out: Path, n: int) -> dict:
+    """The largest differences between NeuronMap's and sae-dashboard's per-latent max activation and density."""
+    mine, theirs = (json.loads((out / f"{tool}-{n}.json").read_text()) for tool in ("neuronmap", "saedash"))
+    return {key: max(abs(a - b) for a, b in zip(mine[key], theirs[key])) for key in ("max", "density")}
 
 
 def _child(python, phase: str, n: int, out_dir: Path, pairs: int = 1) -> dict:
@@ -304,6 +315,15 @@ def markdown(results: dict) -> str:
             f"{median([r['page_all_s'] for r in pair_runs]):.2f} s | {mb(sd_runs[-1]['page_bytes'])} in "
             f"{median([r['page_s'] for r in sd_runs]):.1f} s | {mb(sd_runs[-1]['page_32_bytes'])} |"
         )
+    lines.append("")
+    for n in results["sequences"]:
+        agreement = results["agreement"][str(n)] if str(n) in results["agreement"] else results["agreement"][n]
+        lines.append(f"- {n:,} sequences: per-latent max activation within {agreement['max']:.1e} of sae-dashboard's, "
+                     f"density within {agreement['density']:.1e}")
+    for tool, seen in results["render"].items():
+        lines.append(f"- {tool} page in Chromium, offline: {seen['tokens']} tokens and {seen['svg']} chart shapes drawn, "
+                     f"{len(seen['refused'])} requests refused ({', '.join(seen['refused']) or 'none'}), script errors: "
+                     f"{'; '.join(seen['errors']) or 'none'}")
     return "\n".join(lines)
 
 
