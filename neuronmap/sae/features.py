@@ -7,11 +7,13 @@ activations around each (a context window); a few uniform samples from each of i
 every token, the latents most active on it. The token ids of the whole stream are kept, so contexts render after
 the pass without the model. Logit effects (the decoder direction through the unembedding) come from the weights.
 
-Only what is active costs: each batch's non-zero activations are taken once (`nonzero`) and everything is
-accumulated from them with `bincount`/`index_add_`. A running top-k is merged with `torch.topk`, but only for the
-activations above the latent's current k-th best, which after the first batches are few; interval samples are kept
-the same way (bottom-k sampling: each activation gets a random key and a group keeps its largest keys, which is a
-uniform sample of the group, and merging two such samples is again one).
+Only what is active costs: each batch's non-zero activations are found once (`nonzero`) and everything is
+accumulated from them with `bincount`/`index_add_`. Each latent's running top-k is merged with `torch.topk`, but only
+for the activations above its current k-th best and above the lowest histogram bin its top k can reach (after the
+first batches, few); a merge writes only the entrants, into the slots of those they push out, so the context windows
+kept with them never move and are gathered for entrants only. Interval samples are kept the same way: each
+activation gets a uniform random key and each interval keeps the items with the largest keys, a uniform sample
+without replacement (merging two such samples gives one of their union).
 
 Histograms use linear bins from 0 to a power of two, 2^e, the smallest above the latent's max so far: bin i holds
 activations in [i, i + 1) · 2^e / bins. When a larger activation comes, e grows and neighbouring bins are added
@@ -27,6 +29,7 @@ from __future__ import annotations
 import bisect
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -800,7 +803,6 @@ class _LogitEffects:
         if not self._done:
             self._effects = self._compute()
             self._done = True
-            self.model = None  # not kept alive by the statistics once the effects are known
         return self._effects
 
     def _compute(self) -> dict[str, torch.Tensor] | None:
@@ -836,8 +838,6 @@ class _LogitEffects:
 
 def _to_residual(model: Model, hook: str, directions: torch.Tensor) -> torch.Tensor | None:
     """Decoder directions at `hook` as directions in the residual stream (None where there is no linear way)."""
-    import re
-
     d_model = model.W_U.shape[0]
     layer = re.match(r"blocks\.(\d+)\.", hook)
     if hook.endswith("mlp.hook_post") and layer:
