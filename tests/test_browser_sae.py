@@ -21,9 +21,13 @@ from test_sae_features import HOSTILE, SETTINGS, hostile_model, make_sae
 pytestmark = pytest.mark.browser
 
 
+def stats_model():
+    return hostile_model(nm.load("induction-2l"))
+
+
 @pytest.fixture(scope="module")
 def stats():
-    model = hostile_model(nm.load("induction-2l"))
+    model = stats_model()
     tokens = torch.randint(3, 512, (60, 24), generator=torch.Generator().manual_seed(0))
     return feature_statistics(make_sae(), model, tokens, **SETTINGS)
 
@@ -181,6 +185,19 @@ def test_a_single_dashboard_page(page, stats, tmp_path):
     groups = page.eval_on_selector_all(".nm-sae-group h4", "hs => hs.map(h => h.textContent)")
     assert groups[0] == f"top activations ({len(stats.top_contexts(latent))})"
     assert len(groups) == 1 + len(stats.intervals(latent)) and all("of activations" in g for g in groups[1:])
+    assert page.errors == [] and page.external_requests == []
+
+
+def test_a_dead_latent_and_statistics_without_token_lists_render_too(page, stats, tmp_path):
+    dead = int(stats.dead[0])
+    open_view(page, tmp_path, stats.dashboard(dead), "dead.html", browser=False)
+    assert page.inner_text(".nm-sae-name") == f"latent {dead}" and "fires on 0% of tokens" in page.inner_text(".nm-sae-head")
+    assert page.locator(".nm-sae-context").count() == 0 and page.locator(".nm-sae-hist rect").count() == 0
+    lean = feature_statistics(make_sae(), stats_model(), torch.randint(3, 512, (8, 24)), **{**SETTINGS, "token_features": 0})
+    latent = int(lean.count.argmax())
+    open_view(page, tmp_path, lean.dashboard(latent), "lean.html", browser=False)
+    page.click(".nm-sae-context[data-context='0'] .nm-sae-mark")
+    assert "kept no latents per token" in page.inner_text(".nm-sae-picked")
     assert page.errors == [] and page.external_requests == []
 
 
