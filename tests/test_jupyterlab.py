@@ -1,5 +1,5 @@
-"""End to end: the attention widget in a real JupyterLab (light and dark themes) and Notebook 7, and the static view
-in a papermill + nbconvert export."""
+"""End to end: the attention widget in a real JupyterLab (light and dark themes) and Notebook 7, the circuit graph
+and SAE feature browser widgets in JupyterLab, and the static view in a papermill + nbconvert export."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ CIRCUIT_CELLS = [
     "clean, corrupt = torch.cat([bos, first, first], 1), torch.cat([bos, other, first], 1)\n"
     "metric = lambda logits: logits.log_softmax(-1)[:, 9:-1].gather(-1, clean[:, 10:, None]).mean((1, 2))\n"
     "nm.circuits.eap(model, clean, corrupt, metric)",
+]
+
+SAE_CELLS = [
+    "import neuronmap as nm\nfrom neuronmap.zoo.recipes import ioi_sae\n"
+    "model, sae = nm.zoo.load('ioi'), nm.zoo.load_sae('ioi-resid0')",
+    "stats = nm.sae.feature_statistics(sae, model, ioi_sae.texts(200, 3), progress=False)\nstats.browser(n=4)",
 ]
 
 
@@ -103,6 +109,7 @@ def jupyterlab(request, tmp_path):
     (tmp_path / "notebooks").mkdir()
     notebook(tmp_path / "notebooks" / "attention.ipynb")
     notebook(tmp_path / "notebooks" / "circuit.ipynb", CIRCUIT_CELLS)
+    notebook(tmp_path / "notebooks" / "sae.ipynb", SAE_CELLS)
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [
@@ -127,6 +134,7 @@ def jupyterlab(request, tmp_path):
         yield {
             "url": f"{base}/{route}/attention.ipynb?token={token}", "api": (base, token), "server": server,
             "circuit_url": f"{base}/{route}/circuit.ipynb?token={token}",
+            "sae_url": f"{base}/{route}/sae.ipynb?token={token}",
             "kernels": kernels, "name": f"{front_end}-{theme}", "theme": theme,
         }
     finally:
@@ -248,6 +256,35 @@ def test_circuit_graph_widget_in_jupyterlab_refilters_and_opens_a_heads_attentio
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     view.scroll_into_view_if_needed()
     page.screenshot(path=str(ARTIFACTS / "jupyterlab-circuit-graph-widget.png"))
+
+
+@pytest.mark.parametrize("jupyterlab", [("jupyterlab", "light")], indirect=True, ids="-".join)
+def test_sae_browser_widget_in_jupyterlab_fetches_latents_from_the_kernel(page, jupyterlab):
+    """The live feature browser: the list arrives first, a latent the page never had is sent by the kernel when
+    clicked, and clicking a token of its contexts lists the latents most active on that token."""
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    page.goto(jupyterlab["sae_url"])
+    page.wait_for_selector(".jp-NotebookPanel", timeout=60_000)
+    wait_for_idle_kernel(page, jupyterlab["api"])
+    page.click("text=Run", timeout=10_000)
+    page.click('[data-command="runmenu:run-all"]')
+    view = page.locator(".jp-OutputArea-output .nm-sae[data-ready]").first
+    view.wait_for(timeout=120_000)
+    jupyterlab["kernels"].update(children(jupyterlab["server"].pid))
+    assert view.evaluate("el => el.closest('.nm-root') === null")  # the live widget, not the static page
+    rows = view.locator(".nm-sae-table tbody tr")
+    assert rows.count() > 4
+    latent = rows.nth(9).get_attribute("data-latent")  # beyond the 4 a static page would embed
+    rows.nth(9).click()
+    page.wait_for_selector(f".jp-OutputArea-output .nm-sae[data-ready='{latent}']", timeout=30_000)
+    assert view.locator(".nm-sae-context").count() > 0
+    view.locator(".nm-sae-context[data-context='0'] .nm-sae-mark").click()
+    picked = view.locator(".nm-sae-picked .nm-sae-feature")
+    picked.first.wait_for(timeout=10_000)
+    assert latent in [picked.nth(i).get_attribute("data-latent") for i in range(picked.count())]
+    assert page.external_requests == []
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "jupyterlab-sae-browser-widget.png"))
 
 
 def test_papermill_and_nbconvert_export_shows_the_static_view(page, tmp_path):
