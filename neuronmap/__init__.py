@@ -4,7 +4,7 @@ The public API is re-exported here; everything else is private to its module. He
 (plotly, scikit-learn, h5py, anywidget) are imported where they are first used, so `import neuronmap` stays light.
 """
 
-from . import circuits, patching, sae, store, zoo
+from . import analysis, circuits, patching, sae, store, zoo
 from .attention import SCORES, AttentionPatterns, AttentionView, HeadScores, attention, head_scores, repeated_random_tokens
 from .circuits import CircuitGraph
 from .errors import (
@@ -36,6 +36,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "SCORES",
+    "analysis",
     "ActivationStore",
     "AttentionPatterns",
     "AttentionView",
