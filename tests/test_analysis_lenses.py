@@ -30,8 +30,8 @@ def _by_hand(model, stream: torch.Tensor) -> torch.Tensor:
     ln = model.module.transformer.ln_f
     x = stream.double()
     x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + ln.eps).sqrt()
-    x = x * ln.weight.double() + ln.bias.double()
-    return (x @ model.module.lm_head.weight.double().T).log_softmax(-1)
+    x = x * ln.weight.detach().double() + ln.bias.detach().double()
+    return (x @ model.module.lm_head.weight.detach().double().T).log_softmax(-1)
 
 
 @pytest.mark.parametrize("name", ["induction", "ioi"])

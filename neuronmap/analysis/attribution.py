@@ -1,0 +1,147 @@
+"""Direct logit attribution: how much each component writes the answer's logit (or a logit difference) directly.
+
+The residual stream before the final norm is a sum of component outputs: the token and position embeddings, each
+head's `attn.hook_result`, each attention layer's output bias `b_O`, each MLP's `hook_mlp_out`. With the final norm's
+scale frozen at its value in the clean run (as TransformerLens's `cache.apply_ln_to_stack`: subtract the mean, divide
+by `ln_final.hook_scale`, times the norm's weight; an RMSNorm does not subtract the mean), the norm is linear, so each
+component's image dotted with `W_U[:, answer]` (minus `W_U[:, wrong]`) is its direct effect, and these, plus the
+norm's bias and `b_U` terms, sum to the clean logit (difference). One prompt at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..display import Renders
+from ..errors import InputError
+from ..heatmap import heatmap_figure, heatmap_html
+from .lenses import final_norm, one_prompt, positions_in, token_id
+
+
+def direct_logit_attribution(
+    model: Any,
+    inputs: Any,
+    answer: int | str,
+    *,
+    wrong: int | str | None = None,
+    position: int | str = -1,
+) -> LogitAttribution:
+    """The direct effect of every component on the logit of `answer` (minus that of `wrong`, when given) at
+    `position` (an index, negative from the end, or "last") of one prompt.
+
+    `answer` and `wrong` are token ids or strings of exactly one token. The result's `.values` (with `.labels`)
+    hold every component and the two bias terms; they sum to `.logit`, the clean run's logit (difference).
+    """
+    norm = final_norm(model)
+    weights = model.weights
+    vocab = weights.W_U.shape[1]
+    answer_id = token_id(model, answer, vocab, "the answer")
+    wrong_id = None if wrong is None else token_id(model, wrong, vocab, "the wrong answer")
+    if not (isinstance(position, int) and not isinstance(position, bool)) and position != "last":
+        raise InputError(f"position must be one token index or 'last', got {position!r}")
+    embeds = [name for name in ("hook_embed", "hook_pos_embed") if name in model.hook_names]
+    n_layers = len(weights.blocks)
+    layers = range(n_layers)
+    capture = [*embeds, "ln_final.hook_scale"]
+    capture += [f"blocks.{layer}.{hook}" for layer in layers for hook in ("attn.hook_result", "hook_mlp_out")]
+    trace = model.run(one_prompt(inputs), capture=capture)
+    (p,) = positions_in(position, trace.tokens.shape[1])
+
+    dtype = torch.float64
+    direction = weights.W_U[:, answer_id].to(dtype)
+    bias_U = weights.b_U[answer_id].to(dtype)
+    if wrong_id is not None:
+        direction = direction - weights.W_U[:, wrong_id].to(dtype)
+        bias_U = bias_U - weights.b_U[wrong_id].to(dtype)
+    centred = model._points["ln_final.hook_scale"].derived.centred
+    scale = trace["ln_final.hook_scale"][0, p].to(dtype)
+    d_model = direction.shape[0]
+    ln_weight = norm.weight.detach().to(dtype) if getattr(norm, "weight", None) is not None else torch.ones(d_model, dtype=dtype)
+    ln_bias = norm.bias.detach().to(dtype) if getattr(norm, "bias", None) is not None else torch.zeros(d_model, dtype=dtype)
+
+    def effect(stack: torch.Tensor) -> torch.Tensor:  # [..., d_model] -> [...]: frozen norm, then the direction
+        stack = stack.to(dtype)
+        stack = stack - stack.mean(-1, keepdim=True) if centred else stack
+        return (stack / scale * ln_weight) @ direction
+
+    labels, values = [], []
+    for name, label in zip(embeds, ("embed", "pos_embed")):
+        labels.append(label)
+        values.append(effect(trace[name][0, p]))
+    heads = torch.stack([effect(trace[f"blocks.{layer}.attn.hook_result"][0, p]) for layer in layers])
+    b_O = weights.b_O
+    for layer in layers:
+        labels += [f"L{layer}H{head}" for head in range(heads.shape[1])] + [f"L{layer} attn bias", f"L{layer} mlp"]
+        values += [*heads[layer], effect(b_O[layer]), effect(trace[f"blocks.{layer}.hook_mlp_out"][0, p])]
+    labels += ["ln_final bias", "unembed bias"]
+    values += [ln_bias @ direction, bias_U]
+    logits = trace.logits[0, p].to(dtype)
+    logit = logits[answer_id] - (logits[wrong_id] if wrong_id is not None else 0)
+    tokens = model.to_str_tokens(trace.tokens[0]) if model.tokenizer is not None else None
+    what = _describe(model, answer_id, wrong_id, p, tokens)
+    return LogitAttribution(torch.stack(values).float(), labels, heads.float(), float(logit), what)
+
+
+class LogitAttribution(Renders):
+    """Direct logit attribution of one prompt at one position.
+
+    `.values [component]` with `.labels` ("embed", "pos_embed", "L0H3", "L0 attn bias", "L0 mlp", ...,
+    "ln_final bias", "unembed bias"), summing to `.logit` (the clean logit or logit difference); `.heads
+    [layer, head]` the heads' values as a grid. `.top(k)`, `.to_numpy()`; renders as a layer × head heatmap and a
+    column of the other components; `.figure()` is the same in plotly.
+    """
+
+    def __init__(self, values: torch.Tensor, labels: list[str], heads: torch.Tensor, logit: float, description: str):
+        self.values = values
+        self.labels = labels
+        self.heads = heads
+        self.logit = logit
+        self.description = description
+
+    def __repr__(self) -> str:
+        return f"LogitAttribution({self.description}: {len(self.labels)} terms, logit {self.logit:.4g})"
+
+    def to_numpy(self) -> np.ndarray:
+        """`.values` as a numpy array (in the order of `.labels`)."""
+        return self.values.numpy()
+
+    def top(self, k: int = 10) -> list[tuple[str, float]]:
+        """The `k` components (bias terms included) with the largest |direct effect|, largest first."""
+        order = self.values.abs().argsort(descending=True)[:k].tolist()
+        return [(self.labels[i], float(self.values[i])) for i in order]
+
+    def figure(self) -> Any:
+        """A plotly layer × head heatmap of the heads' direct effects (the other components are in `.top`)."""
+        n_layers, n_heads = self.heads.shape
+        return heatmap_figure(
+            self.heads, [str(layer) for layer in range(n_layers)], [str(head) for head in range(n_heads)],
+            title=f"direct logit attribution of each head: {self.description}", row_title="layer",
+            column_title="head", diverging=True,
+        )
+
+    def _repr_html_(self) -> str:
+        n_layers, n_heads = self.heads.shape
+        head_labels = {f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)}
+        others = [i for i, label in enumerate(self.labels) if label not in head_labels]
+        heads = heatmap_html(
+            self.heads, [str(layer) for layer in range(n_layers)], [str(head) for head in range(n_heads)],
+            title=f"direct logit attribution: {self.description}", row_title="layer", column_title="head",
+            diverging=True, description=f"each head's direct effect; all terms sum to {self.logit:.4g}",
+        )
+        rest = heatmap_html(
+            self.values[others][:, None], [self.labels[i] for i in others], ["direct effect"],
+            title="other components and bias terms", row_title="component", column_title="", diverging=True,
+        )
+        return f"<div>{heads}{rest}</div>"
+
+
+def _describe(model: Any, answer: int, wrong: int | None, position: int, tokens: list[str] | None) -> str:
+    def text(token: int) -> str:
+        return repr(model.to_str_tokens(token)[0]) if model.tokenizer is not None else str(token)
+
+    target = f"logit of {text(answer)}" if wrong is None else f"logit difference {text(answer)} − {text(wrong)}"
+    where = f"position {position}" + (f" ({tokens[position]!r})" if tokens else "")
+    return f"{target} at {where}"
