@@ -106,3 +106,19 @@ def test_bad_input_raises_neuronmap_errors(induction, ioi):
     with pytest.raises(nm.WeightError, match="no language-model head"):
         direct_logit_attribution(bare, ids, 3)
     assert induction.list_hooks() == [] and ioi.list_hooks() == [] and bare.list_hooks() == []
+
+
+@pytest.mark.parametrize("family", ["ioi", "llama"])  # llama: grouped-query attention, 2 key-value heads for 4
+def test_per_position_terms_sum_to_each_heads_term(family, ioi):
+    model = ioi if family == "ioi" else nm.load(make_model(family))
+    prompt = heldout_prompts(1)[0]["prompt"] if family == "ioi" else tokens(batch=1)
+    result = direct_logit_attribution(model, prompt, 3, wrong=5, position=-2, per_position=True)
+    plain = direct_logit_attribution(model, prompt, 3, wrong=5, position=-2)
+    assert torch.allclose(result.values, plain.values)  # asking for the split changes nothing else
+    n_layers, n_heads = plain.heads.shape
+    assert result.head_positions.shape == (n_layers, n_heads, len(result.tokens))
+    # The split sums to each head's term, which the model computes itself (hook_result); causal: none from the future.
+    assert torch.allclose(result.head_positions.sum(-1), plain.heads, atol=1e-5)
+    assert torch.all(result.head_positions[..., -1] == 0)
+    assert plain.head_positions is None
+    assert "each head&#x27;s term by source position" in result._repr_html_()

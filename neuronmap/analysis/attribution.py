@@ -28,12 +28,16 @@ def direct_logit_attribution(
     *,
     wrong: int | str | None = None,
     position: int | str = -1,
+    per_position: bool = False,
 ) -> LogitAttribution:
     """The direct effect of every component on the logit of `answer` (minus that of `wrong`, when given) at
     `position` (an index, negative from the end, or "last") of one prompt.
 
     `answer` and `wrong` are token ids or strings of exactly one token. The result's `.values` (with `.labels`)
     hold every component and the two bias terms; they sum to `.logit`, the clean run's logit (difference).
+    `per_position=True` also splits each head's term over the source positions it attends to (`.head_positions
+    [layer, head, source position]`: the attention weight times that position's value through `W_O`, frozen norm
+    and direction), which sum over positions to the head's term.
     """
     norm = final_norm(model)
     weights = model.weights
@@ -46,7 +50,8 @@ def direct_logit_attribution(
     n_layers = len(weights.blocks)
     layers = range(n_layers)
     capture = [*embeds, "ln_final.hook_scale"]
-    capture += [f"blocks.{layer}.{hook}" for layer in layers for hook in ("attn.hook_result", "hook_mlp_out")]
+    hooks = ("attn.hook_result", "hook_mlp_out") + (("attn.hook_pattern", "attn.hook_v") if per_position else ())
+    capture += [f"blocks.{layer}.{hook}" for layer in layers for hook in hooks]
     trace = model.run(one_prompt(inputs), capture=capture)
     (p,) = positions_in(position, trace.tokens.shape[1])
 
@@ -76,13 +81,18 @@ def direct_logit_attribution(
     for layer in layers:
         labels += [f"L{layer}H{head}" for head in range(heads.shape[1])] + [f"L{layer} attn bias", f"L{layer} mlp"]
         values += [*heads[layer], effect(b_O[layer]), effect(trace[f"blocks.{layer}.hook_mlp_out"][0, p])]
+    head_positions = None
+    if per_position:
+        head_positions = torch.stack([_per_source(trace, weights, layer, p, effect) for layer in layers]).float()
     labels += ["ln_final bias", "unembed bias"]
     values += [ln_bias @ direction, bias_U]
     logits = trace.logits[0, p].to(dtype)
     logit = logits[answer_id] - (logits[wrong_id] if wrong_id is not None else 0)
     tokens = model.to_str_tokens(trace.tokens[0]) if model.tokenizer is not None else None
     what = _describe(model, answer_id, wrong_id, p, tokens)
-    return LogitAttribution(torch.stack(values).float(), labels, heads.float(), float(logit), what)
+    result = LogitAttribution(torch.stack(values).float(), labels, heads.float(), float(logit), what)
+    result.head_positions, result.tokens = head_positions, tokens or [str(t) for t in trace.tokens[0].tolist()]
+    return result
 
 
 class LogitAttribution(Renders):
@@ -90,7 +100,8 @@ class LogitAttribution(Renders):
 
     `.values [component]` with `.labels` ("embed", "pos_embed", "L0H3", "L0 attn bias", "L0 mlp", ...,
     "ln_final bias", "unembed bias"), summing to `.logit` (the clean logit or logit difference); `.heads
-    [layer, head]` the heads' values as a grid. `.top(k)`, `.to_numpy()`; renders as a layer × head heatmap and a
+    [layer, head]` the heads' values as a grid; `.head_positions [layer, head, source position]` (None unless
+    asked for) splits them over the positions of the prompt (`.tokens`). `.top(k)`, `.to_numpy()`; renders as a layer × head heatmap and a
     column of the other components; `.figure()` is the same in plotly.
     """
 
@@ -135,7 +146,25 @@ class LogitAttribution(Renders):
             self.values[others][:, None], [self.labels[i] for i in others], ["direct effect"],
             title="other components and bias terms", row_title="component", column_title="", diverging=True,
         )
-        return f"<div>{heads}{rest}</div>"
+        split = ""
+        if self.head_positions is not None:
+            split = heatmap_html(
+                self.head_positions.flatten(0, 1), [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)],
+                [f"{i} {token}" for i, token in enumerate(self.tokens)], title="each head's term by source position",
+                row_title="head", column_title="source position", diverging=True,
+            )
+        return f"<div>{heads}{rest}{split}</div>"
+
+
+def _per_source(trace: Any, weights: Any, layer: int, position: int, effect: Any) -> torch.Tensor:
+    """`[head, source position]`: each head's term at `position` split over the positions it reads, pattern × (value
+    through `W_O`), repeating key-value heads for their query heads under grouped-query attention."""
+    pattern = trace[f"blocks.{layer}.attn.hook_pattern"][0, :, position].double()  # [head, source]
+    values = trace[f"blocks.{layer}.attn.hook_v"][0].double()  # [source, kv head, d_head]
+    W_O = weights.blocks[layer].attn.W_O.double()  # [head, d_head, d_model]
+    values = values.repeat_interleave(W_O.shape[0] // values.shape[1], dim=1)
+    written = torch.einsum("hs,shd,hdm->hsm", pattern, values, W_O)
+    return effect(written)
 
 
 def _describe(model: Any, answer: int, wrong: int | None, position: int, tokens: list[str] | None) -> str:
