@@ -55,22 +55,8 @@ def direct_logit_attribution(
     trace = model.run(one_prompt(inputs), capture=capture)
     (p,) = positions_in(position, trace.tokens.shape[1])
 
-    dtype = torch.float64
-    direction = weights.W_U[:, answer_id].to(dtype)
-    bias_U = weights.b_U[answer_id].to(dtype)
-    if wrong_id is not None:
-        direction = direction - weights.W_U[:, wrong_id].to(dtype)
-        bias_U = bias_U - weights.b_U[wrong_id].to(dtype)
-    centred = model._points["ln_final.hook_scale"].derived.centred
-    scale = trace["ln_final.hook_scale"][0, p].to(dtype)
-    d_model = direction.shape[0]
-    ln_weight = norm.weight.detach().to(dtype) if getattr(norm, "weight", None) is not None else torch.ones(d_model, dtype=dtype)
-    ln_bias = norm.bias.detach().to(dtype) if getattr(norm, "bias", None) is not None else torch.zeros(d_model, dtype=dtype)
-
-    def effect(stack: torch.Tensor) -> torch.Tensor:  # [..., d_model] -> [...]: frozen norm, then the direction
-        stack = stack.to(dtype)
-        stack = stack - stack.mean(-1, keepdim=True) if centred else stack
-        return (stack / scale * ln_weight) @ direction
+    direction, bias_U = _direction(weights, answer_id, wrong_id)
+    effect, ln_bias = _frozen_norm(model, norm, trace["ln_final.hook_scale"][0, p], direction)
 
     labels, values = [], []
     for name, label in zip(embeds, ("embed", "pos_embed")):
@@ -85,14 +71,13 @@ def direct_logit_attribution(
     if per_position:
         head_positions = torch.stack([_per_source(trace, weights, layer, p, effect) for layer in layers]).float()
     labels += ["ln_final bias", "unembed bias"]
-    values += [ln_bias @ direction, bias_U]
-    logits = trace.logits[0, p].to(dtype)
+    values += [ln_bias, bias_U]
+    logits = trace.logits[0, p].double()
     logit = logits[answer_id] - (logits[wrong_id] if wrong_id is not None else 0)
     tokens = model.to_str_tokens(trace.tokens[0]) if model.tokenizer is not None else None
     what = _describe(model, answer_id, wrong_id, p, tokens)
-    result = LogitAttribution(torch.stack(values).float(), labels, heads.float(), float(logit), what)
-    result.head_positions, result.tokens = head_positions, tokens or [str(t) for t in trace.tokens[0].tolist()]
-    return result
+    tokens = tokens or [str(t) for t in trace.tokens[0].tolist()]
+    return LogitAttribution(torch.stack(values).float(), labels, heads.float(), float(logit), what, head_positions, tokens)
 
 
 class LogitAttribution(Renders):
@@ -101,12 +86,24 @@ class LogitAttribution(Renders):
     `.values [component]` with `.labels` ("embed", "pos_embed", "L0H3", "L0 attn bias", "L0 mlp", ...,
     "ln_final bias", "unembed bias"), summing to `.logit` (the clean logit or logit difference); `.heads
     [layer, head]` the heads' values as a grid; `.head_positions [layer, head, source position]` (None unless
-    asked for) splits them over the positions of the prompt (`.tokens`). `.top(k)`, `.to_numpy()`; renders as a layer × head heatmap and a
-    column of the other components; `.figure()` is the same in plotly.
+    asked for) splits them over the positions of the prompt (`.tokens`). `.top(k)`, `.to_numpy()`; renders as a
+    layer × head heatmap and a column of the other components (and the split, when asked for); `.figure()` is the
+    heads' heatmap in plotly.
     """
 
-    def __init__(self, values: torch.Tensor, labels: list[str], heads: torch.Tensor, logit: float, description: str):
+    def __init__(
+        self,
+        values: torch.Tensor,
+        labels: list[str],
+        heads: torch.Tensor,
+        logit: float,
+        description: str,
+        head_positions: torch.Tensor | None,
+        tokens: list[str],
+    ):
         self.values = values
+        self.head_positions = head_positions
+        self.tokens = tokens
         self.labels = labels
         self.heads = heads
         self.logit = logit
@@ -154,6 +151,31 @@ class LogitAttribution(Renders):
                 row_title="head", column_title="source position", diverging=True,
             )
         return f"<div>{heads}{rest}{split}</div>"
+
+
+def _direction(weights: Any, answer: int, wrong: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unembedding direction `W_U[:, answer] - W_U[:, wrong]` and its bias term, in float64."""
+    direction, bias = weights.W_U[:, answer].double(), weights.b_U[answer].double()
+    if wrong is not None:
+        direction, bias = direction - weights.W_U[:, wrong].double(), bias - weights.b_U[wrong].double()
+    return direction, bias
+
+
+def _frozen_norm(model: Any, norm: torch.nn.Module, scale: torch.Tensor, direction: torch.Tensor):
+    """`effect(stack [..., d_model]) -> [...]`: the final norm with the clean run's `scale` frozen (centring first
+    for a LayerNorm), then dotted with `direction`; and the norm's bias term (0 where it has no bias)."""
+    centred = model._points["ln_final.hook_scale"].derived.centred
+    scale = scale.double()
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    weight = weight.detach().double() if weight is not None else torch.ones_like(direction)
+    bias_term = bias.detach().double() @ direction if bias is not None else direction.new_zeros(())
+
+    def effect(stack: torch.Tensor) -> torch.Tensor:
+        stack = stack.double()
+        stack = stack - stack.mean(-1, keepdim=True) if centred else stack
+        return (stack / scale * weight) @ direction
+
+    return effect, bias_term
 
 
 def _per_source(trace: Any, weights: Any, layer: int, position: int, effect: Any) -> torch.Tensor:
