@@ -286,6 +286,13 @@ def test_similarity_matrix_fills_every_pair_and_renders_bounded_and_escaped():
                                         other_names=["x", "y", "z"])
     assert rows_by_columns.to_numpy().shape == (1, 3) and rows_by_columns.column_names == ["x", "y", "z"]
     assert "distance" in rows_by_columns._repr_html_()
+    debiased = similarity_matrix(sets, debiased=True).to_numpy()  # each set prepared once, in feature space
+    np.testing.assert_allclose(debiased, [[cka(a, b, debiased=True) for b in sets.values()] for a in sets.values()])
+    wide = [_data(6, 20, 47), _data(6, 30, 48)]  # more features than rows: pair by pair, Gram matrices
+    np.testing.assert_allclose(similarity_matrix(wide).to_numpy()[0, 1], _gram_cka(*(w @ w.T for w in wide)))
+    rbf = similarity_matrix(sets, kernel="rbf", sigma=2.0)
+    assert rbf.to_numpy()[0, 1] == pytest.approx(cka(sets["b"], sets["<b>a</b>"], kernel="rbf", sigma=2.0))
+    assert "kernel=rbf" in repr(rbf)
     big = similarity_matrix([_data(5, 2, i) for i in range(120)], method="cca")
     assert len(big._repr_html_().encode()) < 1_600_000
 

@@ -46,8 +46,7 @@ def cka(x: Any, y: Any, *, kernel: str = "linear", debiased: bool = False, sigma
     x, y = _pair(x, y, minimum=4 if debiased else 2, why="the debiased estimator" if debiased else "CKA")
     if kernel == "linear":
         x, y = x - x.mean(0), y - y.mean(0)
-        n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
-        if n * (dx * dy + dx * dx + dy * dy) < n * n * (dx + dy):
+        if _feature_space(x, y):
             return _feature_cka(x, y, debiased)
         k, l = x @ x.T, y @ y.T
     else:
@@ -354,18 +353,42 @@ def similarity_matrix(
     _choice(method, tuple(METHODS), "method")
     rows, row_names = _named(sources, names, "sources")
     columns, column_names = (rows, row_names) if others is None else _named(others, other_names, "others")
-    measure = METHODS[method]
+    for matrix, name in zip(rows + columns, row_names + column_names):
+        _same_rows(rows[0], matrix, row_names[0], name)
+    measure = _pairwise(method, rows, columns, options)
     symmetric = others is None and method != "pwcca"
     values = torch.full((len(rows), len(columns)), float("nan"), dtype=torch.float64)
-    for i, a in enumerate(rows):
-        for j, b in enumerate(columns):
-            if symmetric and j < i:
-                values[i, j] = values[j, i]
-            else:
-                _same_rows(a, b, row_names[i], column_names[j])
-                values[i, j] = measure(a, b, **options)
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            values[i, j] = values[j, i] if symmetric and j < i else measure(i, j)
     label = method + "".join(f", {key}={value}" for key, value in options.items())
     return SimilarityMatrix(values, row_names, column_names, label)
+
+
+def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor], options: dict[str, Any]):
+    """`method` of `rows[i]` and `columns[j]` as a function of `(i, j)`. Linear CKA in feature space (more rows than
+    features) centres each set and computes its own HSIC once, leaving one `[features × features]` product a pair."""
+    measure = METHODS[method]
+    linear = method == "cka" and options.get("kernel", "linear") == "linear" and set(options) <= {"kernel", "debiased"}
+    if not linear or not all(_feature_space(a, b) for a in rows for b in columns):
+        return lambda i, j: measure(rows[i], columns[j], **options)
+    debiased = bool(options.get("debiased", False))
+    if len(rows[0]) < (4 if debiased else 2):
+        raise InputError(f"CKA needs at least {4 if debiased else 2} rows (samples), got {len(rows[0])}")
+    prepared = [[(c, _feature_hsic(c, c, debiased)) for c in (m - m.mean(0) for m in sets)] for sets in (rows, columns)]
+    rows_prepared, columns_prepared = prepared
+
+    def pair(i: int, j: int) -> float:
+        (x, xx), (y, yy) = rows_prepared[i], columns_prepared[j]
+        return _ratio(_feature_hsic(x, y, debiased), xx, yy)
+
+    return pair
+
+
+def _feature_space(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether linear CKA of `x`, `y` is cheaper from feature-space products than from `[n × n]` Gram matrices."""
+    n, dx, dy = x.shape[0], x.shape[1], y.shape[1]
+    return n * (dx * dy + dx * dx + dy * dy) < n * n * (dx + dy)
 
 
 def layer_similarity(
