@@ -105,6 +105,9 @@ def test_bad_input_raises_neuronmap_errors(induction, ioi):
     bare = nm.load(transformers.GPT2Model(config_for("gpt2")).eval())
     with pytest.raises(nm.WeightError, match="no language-model head"):
         direct_logit_attribution(bare, ids, 3)
+    encoder = nm.load(transformers.BertForMaskedLM(config_for("bert")).eval())
+    with pytest.raises(nm.WeightError, match="no final norm"):
+        direct_logit_attribution(encoder, ids, 3)
     assert induction.list_hooks() == [] and ioi.list_hooks() == [] and bare.list_hooks() == []
 
 

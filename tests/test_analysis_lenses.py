@@ -68,6 +68,7 @@ def test_top_tokens_and_logprob_of_read_the_grid(ioi):
     mary = ioi.tokenizer.encode("Mary", add_special_tokens=False)[0]
     assert torch.equal(lens.logprob_of("Mary"), lens.logprobs[..., mary])
     assert torch.equal(lens.logprob_of(mary), lens.logprobs[..., mary])
+    assert torch.allclose(logit_lens(ioi, PROMPT, positions="last").logprobs, full.logprobs[:, -1:], atol=1e-6)
     assert lens.to_numpy().shape == (2, 2, lens.logprobs.shape[-1])
 
 
@@ -109,4 +110,9 @@ def test_bad_input_raises_neuronmap_errors(induction):
     bare = nm.load(transformers.GPT2Model(config_for("gpt2")).eval())
     with pytest.raises(nm.WeightError, match="no language-model head"):
         logit_lens(bare, torch.arange(5))
-    assert induction.list_hooks() == [] and bare.list_hooks() == []
+    encoder = nm.load(transformers.BertForMaskedLM(config_for("bert")).eval())
+    with pytest.raises(nm.WeightError, match="no final norm"):
+        logit_lens(encoder, torch.arange(5))
+    with pytest.raises(nm.InputError, match="top_k"):
+        logit_lens(induction, torch.arange(5), top_k=0)
+    assert induction.list_hooks() == [] and bare.list_hooks() == [] and encoder.list_hooks() == []

@@ -25,12 +25,12 @@ def logit_lens(
     inputs: Any,
     *,
     layers: Sequence[Layer] | None = None,
-    positions: int | slice | Sequence[int] | None = None,
+    positions: int | slice | Sequence[int] | str | None = None,
     top_k: int = 5,
 ) -> LogitLens:
     """The logit lens of one prompt (`inputs`: a string or the token ids of one prompt) over `layers` (block indices,
     or "embed"; all of them, embeddings first, by default) and `positions` (all by default; negative counts from the
-    end). `top_k` is how many tokens each cell's hover and `top_tokens` list."""
+    end; "last" is the last token). `top_k` is how many tokens each cell's hover and `top_tokens` list."""
     norm = final_norm(model)
     unembed, bias = model.weights.W_U, model.weights.b_U
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -126,7 +126,10 @@ def final_norm(model: Any) -> torch.nn.Module:
     """The model's norm on the last residual stream (a WeightError where it has none, or no unembedding)."""
     point = model._points.get("ln_final.hook_normalized")
     if point is None:
-        raise WeightError(f"this {model.architecture} model has no final norm on the residual stream (ln_final), so no lens")
+        raise WeightError(
+            f"this model ({model.architecture} adapter) has no final norm on the residual stream (ln_final.*), so no "
+            "logit lens or logit attribution (they need a pre-norm decoder with a language-model head)"
+        )
     model.weights.W_U  # a WeightError now, where the model has no unembedding
     return point.module
 
