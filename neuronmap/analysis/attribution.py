@@ -141,7 +141,7 @@ class LogitAttribution(Renders):
         )
         rest = heatmap_html(
             self.values[others][:, None], [self.labels[i] for i in others], ["direct effect"],
-            title="other components and bias terms", row_title="component", column_title="", diverging=True,
+            title="other components and bias terms", row_title="component", column_title="term", diverging=True,
         )
         split = ""
         if self.head_positions is not None:

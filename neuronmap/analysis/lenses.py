@@ -30,7 +30,8 @@ def logit_lens(
 ) -> LogitLens:
     """The logit lens of one prompt (`inputs`: a string or the token ids of one prompt) over `layers` (block indices,
     or "embed"; all of them, embeddings first, by default) and `positions` (all by default; negative counts from the
-    end; "last" is the last token). `top_k` is how many tokens each cell's hover and `top_tokens` list."""
+    end; "last" is the last token). `top_k` is how many tokens each cell's hover and `top_tokens` list. The result keeps every log-probability
+    (layers × positions × vocabulary floats: choose `positions` for long prompts of large-vocabulary models)."""
     norm = final_norm(model)
     unembed, bias = model.weights.W_U, model.weights.b_U
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
