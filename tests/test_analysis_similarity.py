@@ -338,5 +338,15 @@ def test_bad_input_names_the_problem():
         cka(np.ones((10, 3)), x)
     with pytest.raises(nm.InputError, match="keep"):
         svcca(x, x, keep=1.5)
+    with pytest.raises(nm.InputError, match="pass kernel='rbf'"):
+        cka(x, x, sigma=1.0)
+    with pytest.raises(nm.InputError, match="store="):
+        minibatch_cka("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+    with pytest.raises(nm.InputError, match="at least 3 rows"):
+        rdm(x[:2])
+    with pytest.raises(nm.InputError, match="undefined"):
+        rdm(np.vstack([x[:3], np.zeros((1, 3))]), "cosine")
+    with pytest.raises(nm.InputError, match="2 names for 3"):
+        similarity_matrix([x, x, x], names=["a", "b"])
     with pytest.raises(nm.InputError, match="batch_size"):
         minibatch_cka(x, x, batch_size=2)

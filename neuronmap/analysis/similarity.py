@@ -43,6 +43,8 @@ def cka(x: Any, y: Any, *, kernel: str = "linear", debiased: bool = False, sigma
     (2012), as Nguyen et al. (2021) do, which needs at least 4 rows and removes the bias towards 1 of few inputs.
     """
     _choice(kernel, KERNELS, "kernel")
+    if sigma is not None and kernel != "rbf":
+        raise InputError(f"sigma is the RBF kernel's bandwidth: pass kernel='rbf' with it (kernel is {kernel!r})")
     x, y = _pair(x, y, minimum=4 if debiased else 2, why="the debiased estimator" if debiased else "CKA")
     if kernel == "linear":
         x, y = x - x.mean(0), y - y.mean(0)
@@ -76,6 +78,8 @@ def minibatch_cka(x: Any, y: Any, *, store: Any = None, batch_size: int = 1024) 
         )
         batches = ((as_matrix(a.flatten(1)), as_matrix(b.flatten(1))) for a, b in batches)
     else:
+        if isinstance(x, str) or isinstance(y, str):
+            raise InputError("x and y are hook names: pass the activation store they come from as store=")
         x, y = _pair(x, y, minimum=4, why="minibatch CKA")
         batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
     totals = torch.zeros(3, dtype=torch.float64)
