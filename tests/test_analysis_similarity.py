@@ -127,6 +127,9 @@ def test_minibatch_cka_streams_two_hooks_of_a_store(tmp_path):
     assert len(a) % 50 >= 4  # the last, short batch counts too
     assert streamed == pytest.approx(expected[0] / math.sqrt(expected[1] * expected[2]), rel=1e-9)
     assert minibatch_cka(store[hooks[0]], store[hooks[1]], batch_size=50) == pytest.approx(streamed, rel=1e-12)
+    assert minibatch_cka(store[hooks[0]], b, batch_size=50) == pytest.approx(streamed, rel=1e-12)
+    with pytest.raises(nm.InputError, match=f"and y {len(b) - 1}"):
+        minibatch_cka(store[hooks[0]], b[:-1])
 
 
 def _feature_unbiased(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -140,9 +143,8 @@ def _fast_unbiased(k: np.ndarray, l: np.ndarray) -> float:
     n = len(k)
     k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
     one = np.ones(n)
-    return (np.trace(k @ l) + one @ k @ one * (one @ l @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ k @ l @ one) / (
-        n * (n - 3)
-    )
+    total = np.trace(k @ l) + one @ k @ one * (one @ l @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * one @ k @ l @ one
+    return total / (n * (n - 3))
 
 
 def test_fast_unbiased_reference_matches_the_explicit_sums():
@@ -236,7 +238,9 @@ def test_svcca_equals_a_hand_computation():
         return np.linalg.svd(qa.T @ qb, compute_uv=False).mean()
 
     assert svcca(x, y, keep=3) == pytest.approx(mean_cca(top(x, 3), top(y, 3)), rel=1e-10)
-    share = lambda m: np.cumsum(np.linalg.svd(m - m.mean(0), compute_uv=False) ** 2) / ((m - m.mean(0)) ** 2).sum()  # noqa: E731
+    def share(m):
+        return np.cumsum(np.linalg.svd(m - m.mean(0), compute_uv=False) ** 2) / ((m - m.mean(0)) ** 2).sum()
+
     kx, ky = int(np.searchsorted(share(x), 0.99) + 1), int(np.searchsorted(share(y), 0.99) + 1)
     assert kx == 3  # the three large directions hold 99% of x's variance
     assert svcca(x, y) == pytest.approx(mean_cca(top(x, kx), top(y, ky)), rel=1e-10)

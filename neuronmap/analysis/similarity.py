@@ -1,10 +1,10 @@
 """How alike two sets of activations of the same inputs are: CKA, RSA, CCA / SVCCA / PWCCA and Procrustes distance.
 
 Every measure takes two activation sets with one row per input (a tensor or array, a store, or a `(trace or store,
-hook)` pair; see `as_matrix`) and returns a number (or, for `cca`, the canonical correlations). `similarity_matrix` scores every
-pair of a list of sets (every layer, or two models' layers) as a `SimilarityMatrix` heatmap. scipy supplies the
-distances (`pdist`), rank correlations and the Procrustes rotation; written here are what it lacks: the CKA
-estimators (biased, debiased and minibatch HSIC), Kendall's τ_a, the RSA permutation test, and SVCCA / PWCCA.
+hook)` pair; see `as_matrix`) and returns a number (or, for `cca`, the canonical correlations). `similarity_matrix`
+scores every pair of a list of sets (every layer, or two models' layers) as a `SimilarityMatrix` heatmap. scipy
+supplies the distances (`pdist`), rank correlations and the Procrustes rotation; written here are what it lacks: the
+CKA estimators (biased, debiased and minibatch HSIC), Kendall's τ_a, the RSA permutation test, and SVCCA / PWCCA.
 """
 
 from __future__ import annotations
@@ -61,9 +61,10 @@ def minibatch_cka(x: Any, y: Any, *, store: Any = None, batch_size: int = 1024) 
     """Linear CKA accumulated over minibatches of rows (Nguyen et al. 2021): the mean unbiased HSIC of the batches,
     so memory holds one batch, not the whole set.
 
-    `x`, `y`: two activation sets, or, with `store=` an activation store, two of its hook names, streamed together in
-    order (`store.batches(..., shuffle=False)`). A batch (the last one) of fewer than 4 rows is left out. With one
-    batch of every row it equals `cka(x, y, debiased=True)`; over batches it converges to it as they grow.
+    `x`, `y`: two activation sets (a store's hook views, `store[hook]`, are read block by block), or, with `store=`
+    an activation store, two of its hook names, streamed together in order (`store.batches(..., shuffle=False)`).
+    A batch (the last one) of fewer than 4 rows is left out. With one batch of every row it equals
+    `cka(x, y, debiased=True)`; over batches it converges to it as they grow.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 4:
         raise InputError(f"batch_size must be an int of at least 4 (unbiased HSIC needs 4 rows), got {batch_size!r}")
@@ -80,8 +81,7 @@ def minibatch_cka(x: Any, y: Any, *, store: Any = None, batch_size: int = 1024) 
     else:
         if isinstance(x, str) or isinstance(y, str):
             raise InputError("x and y are hook names: pass the activation store they come from as store=")
-        x, y = _pair(x, y, minimum=4, why="minibatch CKA")
-        batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
+        batches = _row_blocks(x, y, batch_size)
     totals = torch.zeros(3, dtype=torch.float64)
     count = 0
     for a, b in batches:
@@ -94,6 +94,26 @@ def minibatch_cka(x: Any, y: Any, *, store: Any = None, batch_size: int = 1024) 
     if count == 0:
         raise InputError("minibatch CKA needs at least one batch of 4 or more rows")
     return _ratio(*(totals / count).tolist())
+
+
+def _row_blocks(x: Any, y: Any, batch_size: int):
+    """Consecutive blocks of `batch_size` rows of both sets: read from disk block by block for a store's hook view,
+    sliced from the whole matrix for anything else."""
+    readers, lengths = [], []
+    for source in (x, y):
+        if isinstance(source, tuple) or not (hasattr(source, "read") and hasattr(source, "to_torch")):
+            matrix = _matrix(source)
+            readers.append(lambda i, j, matrix=matrix: matrix[i:j])
+            lengths.append(len(matrix))
+        else:
+            readers.append(lambda i, j, view=source: as_matrix(view.to_torch(view.read(i, j)).flatten(1)))
+            lengths.append(len(source))
+    if lengths[0] != lengths[1]:
+        raise InputError(
+            f"x has {lengths[0]:,} rows (samples) and y {lengths[1]:,}: compare activations of the same inputs"
+        )
+    for start in range(0, lengths[0], batch_size):
+        yield readers[0](start, start + batch_size), readers[1](start, start + batch_size)
 
 
 def _feature_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
