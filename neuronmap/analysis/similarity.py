@@ -201,8 +201,7 @@ def rdm(x: Any, metric: str = "correlation", *, square: bool = False) -> torch.T
     bad = int((~np.isfinite(distances)).sum())
     if bad:
         raise InputError(f"{bad:,} {metric} distances are undefined (rows with no variation or of norm 0)")
-    result = torch.from_numpy(distances)
-    return torch.from_numpy(scipy.spatial.distance.squareform(distances)) if square else result
+    return torch.from_numpy(scipy.spatial.distance.squareform(distances) if square else distances)
 
 
 def rsa(
@@ -232,14 +231,16 @@ def rsa(
         return RSAResult(observed, float("nan"), 0)
     n = len(x)
     rows, columns = np.triu_indices(n, 1)
-    square = scipy.spatial.distance.squareform(scipy.stats.rankdata(b) if compare == "spearman" else b)
+    spearman = compare == "spearman"  # ranks of a shuffled RDM are the shuffled ranks: shuffle the ranks once found
+    square = scipy.spatial.distance.squareform(scipy.stats.rankdata(b) if spearman else b)
+    a_ranks = scipy.stats.rankdata(a)
     rng = np.random.default_rng(seed)
     hits = 0
     for start in range(0, permutations, 64):
         orders = np.stack([rng.permutation(n) for _ in range(min(64, permutations - start))])
         shuffled = square[orders[:, rows], orders[:, columns]]  # [permutations, pairs]
-        if compare == "spearman":  # ranks of a shuffled RDM are the shuffled ranks: Pearson of ranks directly
-            scores = _pearson_rows(scipy.stats.rankdata(a), shuffled)
+        if spearman:
+            scores = _pearson_rows(a_ranks, shuffled)
         else:
             scores = np.array([_kendall_tau_a(a, row) for row in shuffled])
         hits += int((scores >= observed - 1e-12).sum())
