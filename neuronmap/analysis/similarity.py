@@ -15,9 +15,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-import scipy.linalg
-import scipy.spatial.distance
-import scipy.stats
 import torch
 
 from ..errors import HookNameError, InputError
@@ -162,6 +159,7 @@ def _centred(k: torch.Tensor) -> torch.Tensor:
 
 def _rbf_gram(x: torch.Tensor, sigma: float | None) -> torch.Tensor:
     """`exp(-|a - b|² / 2σ²)` for every pair of rows; σ defaults to the median distance of distinct rows."""
+    import scipy.spatial.distance
     squared = torch.cdist(x, x).square()
     if sigma is None:
         sigma = float(np.median(scipy.spatial.distance.pdist(x.numpy())))
@@ -193,6 +191,7 @@ class RSAResult(NamedTuple):
 def rdm(x: Any, metric: str = "correlation", *, square: bool = False) -> torch.Tensor:
     """The representational dissimilarity matrix of an activation set: `metric` distance between every pair of rows
     (scipy's `pdist`), condensed (upper triangle, row by row) or `square`."""
+    import scipy.spatial.distance
     _choice(metric, RDM_METRICS, "metric")
     matrix = _matrix(x)
     if len(matrix) < 3:
@@ -217,6 +216,8 @@ def rsa(
     RDMs, and the permutation p-value of it: the share of `permutations` joint row-and-column shuffles of `y`'s RDM
     (inputs relabelled) that correlate at least as well, counting the observed one (`(1 + hits) / (1 + permutations)`).
     """
+    import scipy.spatial.distance
+    import scipy.stats
     _choice(compare, RSA_COMPARISONS, "compare")
     if not isinstance(permutations, int) or isinstance(permutations, bool) or permutations < 0:
         raise InputError(f"permutations must be an int >= 0, got {permutations!r}")
@@ -248,6 +249,7 @@ def rsa(
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    import scipy.stats
     return float(_pearson_rows(scipy.stats.rankdata(a), scipy.stats.rankdata(b)[None])[0])
 
 
@@ -261,6 +263,7 @@ def _pearson_rows(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def _kendall_tau_a(a: np.ndarray, b: np.ndarray) -> float:
     """Kendall's τ_a, `(concordant - discordant) / (m(m-1)/2)` over all pairs (ties count as neither), from scipy's
     τ_b (`(C - D) / sqrt((n0 - n1)(n0 - n2))`) and the tie counts n1, n2 of each vector."""
+    import scipy.stats
     m = len(a)
     pairs = m * (m - 1) / 2
     tau_b = scipy.stats.kendalltau(a, b).statistic
@@ -302,6 +305,7 @@ def procrustes(x: Any, y: Any) -> float:
     """Orthogonal Procrustes distance: `min_R |xR - y|_F` over rotations `R` (scipy) after centring each set and
     scaling it to Frobenius norm 1 (the smaller set padded with zero features): 0 for a rotated and scaled copy,
     at most 2. Its square equals `2 - 2|xᵀy|_*` (Ding et al. 2021)."""
+    import scipy.linalg
     x, y = _pair(x, y, minimum=2, why="Procrustes")
     x, y = (_unit(m - m.mean(0)) for m in (x, y))
     width = max(x.shape[1], y.shape[1])
