@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .display import escape
-from .heatmap import BLUE, RED
+from .heatmap import BLUE, RED, hex_colour
 
 MAX_EDGES = 400
 """Edges drawn by default: the strongest; the note says how many more there are."""
@@ -117,7 +117,7 @@ def _edge(edge: Edge, places: dict[str, tuple[float, float]], largest: float) ->
     x2, y2 = x2 + offset * _NODE_WIDTH, y2 + _NODE_HEIGHT / 2
     bend = max(abs(y2 - y1) / 2, 12)
     strength = abs(edge.value) / largest
-    colour = "#{:02x}{:02x}{:02x}".format(*(RED if edge.value >= 0 else BLUE))
+    colour = hex_colour(RED if edge.value >= 0 else BLUE)
     hover = escape(edge.title or f"{edge.source} → {edge.target}: {edge.value:+.4g}")
     return (
         f'<path d="M{x1:.1f},{y1:.1f} C{x1:.1f},{y1 - bend:.1f} {x2:.1f},{y2 + bend:.1f} {x2:.1f},{y2:.1f}" '
@@ -127,7 +127,7 @@ def _edge(edge: Edge, places: dict[str, tuple[float, float]], largest: float) ->
 
 
 def _legend(largest: float, ports: bool) -> str:
-    red, blue = "#{:02x}{:02x}{:02x}".format(*RED), "#{:02x}{:02x}{:02x}".format(*BLUE)
+    red, blue = hex_colour(RED), hex_colour(BLUE)
     items = [
         f'<span style="color:{red}">━</span> positive',
         f'<span style="color:{blue}">━</span> negative',

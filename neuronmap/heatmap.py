@@ -130,7 +130,7 @@ def heatmap_figure(
     figure.update_yaxes(autorange="reversed", title_text=escape(row_title), **_ticks(shown_rows))
     figure.update_xaxes(**_ticks(shown_columns))
     figure.update_xaxes(title_text=escape(column_title), row=n_panels, col=1)
-    stops = [[0, _hex(BLUE)], [0.5, _hex(WHITE)], [1, _hex(RED)]] if diverging else [[0, _hex(WHITE)], [1, _hex(BLUE)]]
+    stops = [[0, hex_colour(BLUE)], [0.5, hex_colour(WHITE)], [1, hex_colour(RED)]] if diverging else [[0, hex_colour(WHITE)], [1, hex_colour(BLUE)]]
     figure.update_layout(
         title=escape(title),
         coloraxis={"colorscale": stops, **({"cmid": 0} if diverging else {})},
@@ -144,8 +144,8 @@ def _colour(value: float, low: float, high: float, diverging: bool) -> tuple[int
     """The opaque 0-255 sRGB colour of a finite or infinite `value` on the scale from `low` to `high`."""
     if diverging:
         depth = max(-1.0, min(1.0, value / high)) if high > 0 else 0.0
-        return _mix(RED if depth > 0 else BLUE, abs(depth))
-    return _mix(BLUE, max(0.0, min(1.0, (value - low) / (high - low))) if high > low else 0.0)
+        return mix(RED if depth > 0 else BLUE, abs(depth))
+    return mix(BLUE, max(0.0, min(1.0, (value - low) / (high - low))) if high > low else 0.0)
 
 
 def _render(grid, rows, columns, panel_labels, scale, diverging, value_format, notes, texts, budget) -> str:
@@ -204,13 +204,13 @@ def _cell(
         return f'<td class="nm-hm-nan" title="{escape(hover)}"></td>'
     rgb = _colour(float(value), *scale, diverging)
     text = escape(_rounded(value, value_format)) if show else ""
-    return f'<td style="background:{_hex(rgb)};color:{text_colour(rgb)}" title="{escape(hover)}">{text}</td>'
+    return f'<td style="background:{hex_colour(rgb)};color:{text_colour(rgb)}" title="{escape(hover)}">{text}</td>'
 
 
 def _legend(low: float, high: float, diverging: bool, has_nan: bool) -> str:
     """The colour bar with the values at its ends (and 0 in its middle when diverging), styled inline so that it
     keeps its shape where `<style>` is dropped (JupyterLab's untrusted outputs, GitHub)."""
-    stops = ",".join(_hex(c) for c in ((BLUE, WHITE, RED) if diverging else (WHITE, BLUE)))
+    stops = ",".join(hex_colour(c) for c in ((BLUE, WHITE, RED) if diverging else (WHITE, BLUE)))
     ticks = (_tick(low), "0" if diverging else "", _tick(high))
     sides = ("left", "center", "right")
     spans = "".join(f'<span style="text-align:{side}">{escape(tick)}</span>' for tick, side in zip(ticks, sides))
@@ -329,10 +329,11 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
-def _mix(end: tuple[int, int, int], depth: float) -> tuple[int, int, int]:
+def mix(end: tuple[int, int, int], depth: float) -> tuple[int, int, int]:
     """White blended towards `end` by `depth` (0-1), each sRGB channel linearly."""
     return tuple(round(255 - depth * (255 - channel)) for channel in end)
 
 
-def _hex(rgb: tuple[int, int, int]) -> str:
+def hex_colour(rgb: tuple[int, int, int]) -> str:
+    """A 0-255 sRGB colour as CSS `#rrggbb`."""
     return "#{:02x}{:02x}{:02x}".format(*rgb)

@@ -13,11 +13,10 @@ import math
 from collections.abc import Sequence
 
 from .display import Renders, escape, text_colour
+from .heatmap import BLUE, hex_colour, mix
 
 ORANGE = (230, 85, 13)
 """The default shade (ColorBrewer Oranges): white for 0, this for the top of the scale."""
-BLUE = (33, 102, 172)
-"""The shade for negative values of a signed scale (the heatmap's blue)."""
 MAX_TOKENS = 2000
 """Tokens one view draws at most; the rest are summarised in a note."""
 
@@ -29,7 +28,7 @@ def shade(value: float, scale: float, colour: Sequence[int] = ORANGE) -> tuple[i
         return (255, 255, 255)
     depth = min(1.0, abs(value) / abs(scale))
     end = BLUE if value < 0 and tuple(colour) == ORANGE else tuple(colour)
-    return tuple(round(255 - depth * (255 - channel)) for channel in end)
+    return mix(end, depth)
 
 
 def shown(token: str) -> str:
@@ -62,7 +61,7 @@ def token_text_html(
     for i, token in enumerate(tokens[:MAX_TOKENS]):
         value = values[i] if values is not None else math.nan
         rgb = shade(value, top, colour)
-        style = f"background:#{rgb[0]:02x}{rgb[1]:02x}{rgb[2]:02x};color:{text_colour(rgb)};white-space:pre;padding:0 1px"
+        style = f"background:{hex_colour(rgb)};color:{text_colour(rgb)};white-space:pre;padding:0 1px"
         if i == marked:
             style += ";outline:2px solid currentColor;outline-offset:-1px;font-weight:700"
         if titles is not None:

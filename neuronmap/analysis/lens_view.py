@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..display import escape, text_colour
-from ..heatmap import BLUE, _hex, _mix
+from ..heatmap import BLUE, hex_colour, mix
 
 if TYPE_CHECKING:
     from .lenses import LogitLens
@@ -42,10 +42,10 @@ def lens_html(lens: LogitLens) -> str:
         for c in columns:
             top = lens.top_tokens(layer, lens.positions[c])
             token, probability = top[0]
-            rgb = _mix(BLUE, probability)
+            rgb = mix(BLUE, probability)
             hover = "\n".join(f"{text!r}: {p:.3f}" for text, p in top)
             cells.append(
-                f'<td style="background:{_hex(rgb)};color:{text_colour(rgb)}" title="{escape(hover)}">'
+                f'<td style="background:{hex_colour(rgb)};color:{text_colour(rgb)}" title="{escape(hover)}">'
                 f"{escape(_cut(token))}</td>"
             )
         body.append(f'<tr><th scope="row">{escape(layer)}</th>{"".join(cells)}</tr>')
@@ -70,7 +70,7 @@ def lens_figure(lens: LogitLens) -> Any:
     columns = [f"{p} {escape(_cut(t))}" for p, t in zip(lens.positions, lens.tokens)]
     heatmap = go.Heatmap(
         z=probabilities, x=columns, y=[escape(layer) for layer in lens.layers], text=texts, texttemplate="%{text}",
-        colorscale=[[0, "#ffffff"], [1, _hex(BLUE)]], zmin=0, zmax=1,
+        colorscale=[[0, "#ffffff"], [1, hex_colour(BLUE)]], zmin=0, zmax=1,
         hovertemplate="layer %{y}<br>position %{x}<br>top %{text}: %{z:.3f}<extra></extra>",
     )
     figure = go.Figure(heatmap)
