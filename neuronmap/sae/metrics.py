@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..display import Renders, html_table
-from ..errors import InputError, SAEError
+from ..errors import InputError
 from ..histogram import histogram_figure, histogram_svg
 from ..inputs import pad_id
 from ..store.sources import Source, token_batches
@@ -51,11 +51,8 @@ def evaluate(sae: SAE, model: Any, inputs: Source, *, hook_name: str | None = No
 def _measure(sae: SAE, model: Any, hook: str, tokens: torch.Tensor, mask: torch.Tensor, totals: _Totals) -> None:
     clean = model.run(tokens, attention_mask=mask, capture=hook)
     real = mask.bool().to(clean[hook].device)
-    x = clean[hook][real]
-    if x.shape[-1] != sae.cfg.d_in and x.flatten(1).shape[-1] != sae.cfg.d_in:
-        raise SAEError(f"the SAE reads d_in={sae.cfg.d_in} features but {hook!r} has shape {list(clean[hook].shape)}")
-    x = x.flatten(1).to(sae.W_enc.dtype)
-    acts = sae.encode(x)
+    x = clean[hook][real].flatten(1).to(sae.W_enc.dtype)
+    acts = sae.encode(x)  # (an SAEError naming both widths when they differ)
     recons = sae.decode(acts)
     totals.add_reconstruction(x.double(), recons.double(), acts)
     spliced = model.run(tokens, attention_mask=mask, saes={hook: sae}).output.logits

@@ -109,9 +109,7 @@ def load_sae(name: str):
 def sae_path(name: str) -> Path:
     """The local directory holding zoo SAE `name` (SAELens's `cfg.json` + `sae_weights.safetensors`, and its card)."""
     if name not in SAES:
-        close = difflib.get_close_matches(name, builtins.list(SAES), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise LoadError(f"unknown zoo SAE {name!r}{hint} (available: {', '.join(SAES)})")
+        raise _unknown(name, SAES, "zoo SAE")
     directory = SAES_DIR / name
     if not (directory / "cfg.json").exists():
         raise LoadError(f"zoo SAE {name!r} has no weights in {directory}; run: python -m neuronmap.zoo.train {name} --replace-shipped")
@@ -182,7 +180,7 @@ def _minilm_entry() -> Entry:
     return Entry(MINILM, "BertModel", parameters, weights.stat().st_size, task)
 
 
-def _unknown(name: str) -> LoadError:
-    close = difflib.get_close_matches(name, NAMES, n=1)
+def _unknown(name: str, names=NAMES, what: str = "zoo model") -> LoadError:
+    close = difflib.get_close_matches(name, builtins.list(names), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return LoadError(f"unknown zoo model {name!r}{hint} (available: {', '.join(NAMES)})")
+    return LoadError(f"unknown {what} {name!r}{hint} (available: {', '.join(names)})")
