@@ -2,7 +2,8 @@
 
 A `Trace` gives one row per real token (padding left out) of a captured hook point; a tensor `[..., features]` or a
 numpy array gives its rows as they are; an activation store (or one of its hooks) gives every stored row, read
-whole, so methods that stream take the store itself instead (they say so).
+whole (up to a memory limit), so methods that stream take the store itself instead (they say so).
+`token_contexts` and `row_tokens` give each of those rows' token, in context or as an id.
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ import torch
 from ..errors import InputError
 from ..trace import Trace
 
+MAX_IN_MEMORY_BYTES = 2 << 30
+"""The largest store hook `as_matrix` reads whole by default (as float64); larger ones need a streaming method."""
 
-def as_matrix(source: Any, hook: str | None = None, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+STREAMING_METHODS = ("neuron_statistics", "pca", "effective_dimensionality", "minibatch_cka")
+"""The analyses that read a store block by block, whatever its size."""
+
+
+def as_matrix(source: Any, hook: str | None = None, *, dtype: torch.dtype = torch.float64,
+              max_bytes: int = MAX_IN_MEMORY_BYTES) -> torch.Tensor:
     """`source` as a finite `[samples, features]` tensor of `dtype` (on the CPU).
 
     `source`: a `Trace` with `hook` (one row per real token; a hook whose features are several dimensions, such as
     `attn.hook_z`'s heads, is flattened), a tensor or array `[..., features]`, or an `ActivationStore` with `hook`
-    (or its `store[hook]` view). NaN or infinite values are an error naming how many.
+    (or its `store[hook]` view), read whole only when it fits in `max_bytes` as `dtype`. NaN or infinite values are
+    an error naming how many.
     """
     if isinstance(source, Trace):
         if hook is None:
@@ -44,9 +53,9 @@ def as_matrix(source: Any, hook: str | None = None, *, dtype: torch.dtype = torc
             if len(hooks) != 1:
                 raise InputError(f"the store holds {len(hooks)} hooks ({', '.join(hooks)}): pass hook=")
             hook = hooks[0]
-        matrix = source[hook][:].flatten(1)
+        matrix = _read_whole(source[hook], dtype, max_bytes)
     elif hasattr(source, "read") and hasattr(source, "__len__"):  # one hook of a store
-        matrix = source[:].flatten(1)
+        matrix = _read_whole(source, dtype, max_bytes)
     else:
         raise InputError(
             f"cannot read activations from a {type(source).__name__}: give a Trace with hook=, a tensor or array "
@@ -57,3 +66,59 @@ def as_matrix(source: Any, hook: str | None = None, *, dtype: torch.dtype = torc
     if bad:
         raise InputError(f"the activations hold {bad:,} NaN or infinite values; analyses need finite numbers")
     return matrix
+
+
+def _read_whole(view: Any, dtype: torch.dtype, max_bytes: int) -> torch.Tensor:
+    """All rows of a store's hook view, or an error naming the methods that stream when they would not fit."""
+    features = int(np.prod(view.shape[1:], dtype=np.int64))
+    needed = len(view) * features * torch.empty((), dtype=dtype).element_size()
+    if needed > max_bytes:
+        raise InputError(
+            f"{view.hook!r} holds {len(view):,} rows × {features:,} features ({needed / 2**30:.1f} GiB as {dtype}), "
+            f"more than max_bytes={max_bytes:,} for a method that reads everything at once; methods that stream a "
+            f"store: {', '.join(STREAMING_METHODS)} (or analyse a slice, store[hook][:rows])"
+        )
+    return view[:].flatten(1)
+
+
+def row_tokens(source: Any, hook: str | None = None) -> torch.Tensor | None:
+    """The token id behind each row of `as_matrix(source, hook)`, or None when the source does not say (a tensor,
+    a store's bare hook view, or a trace captured at chosen positions)."""
+    if isinstance(source, Trace):
+        return source.tokens[source.attention_mask.bool()].cpu() if _one_row_per_token(source, hook) else None
+    if hasattr(source, "tokens") and hasattr(source, "batches"):
+        return source.tokens
+    return None
+
+
+def token_contexts(source: Any, hook: str | None = None, *, window: int = 4) -> list[str] | None:
+    """Each row of `as_matrix(source, hook)` as its token in context, "…up to `window` tokens[token]the next two…"
+    (for hover text and cluster listings), or None when the source does not say which token a row is."""
+    if isinstance(source, Trace):
+        if not _one_row_per_token(source, hook):
+            return None
+        return [_context(tokens, i, window) for tokens in source.str_tokens for i in range(len(tokens))]
+    if hasattr(source, "tokens") and hasattr(source, "batches"):
+        vocabulary, ids = source.vocabulary, source.tokens.numpy()
+        starts = source.documents.numpy()
+        contexts = []
+        for document in range(len(starts) - 1):
+            tokens = [vocabulary[int(i)] for i in ids[starts[document] : starts[document + 1]]]
+            contexts.extend(_context(tokens, i, window) for i in range(len(tokens)))
+        return contexts
+    return None
+
+
+def _one_row_per_token(trace: Trace, hook: str | None) -> bool:
+    """Whether `as_matrix` gives one row per real token of `trace` at `hook` (not when positions were chosen)."""
+    if hook is None:
+        raise InputError(f"a trace holds several hook points ({', '.join(trace.keys())}): pass hook=")
+    mask = trace.attention_mask
+    values = trace[hook]
+    return mask is not None and values.dim() >= 2 and tuple(values.shape[:2]) == tuple(mask.shape)
+
+
+def _context(tokens: list[str], i: int, window: int) -> str:
+    left = "".join(tokens[max(0, i - window) : i])
+    right = "".join(tokens[i + 1 : i + 3])
+    return f"{'…' if i > window else ''}{left}[{tokens[i]}]{right}{'…' if i + 3 < len(tokens) else ''}"
