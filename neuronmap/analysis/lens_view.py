@@ -56,7 +56,7 @@ def lens_html(lens: LogitLens) -> str:
     return (
         f'<div class="nm-lens"><style>{_CSS}</style><div style="font-weight:600">{escape(repr(lens))}: top token per '
         f'layer × position, shaded by its probability (white 0 → blue 1)</div><div class="nm-lens-scroll">'
-        f'<table aria-label="logit lens"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+        f'<table aria-label="{escape(lens.method)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
         f"{note}</div>"
     )
 
@@ -76,7 +76,7 @@ def lens_figure(lens: LogitLens) -> Any:
     figure = go.Figure(heatmap)
     figure.update_yaxes(autorange="reversed", title_text="layer", type="category")
     figure.update_xaxes(title_text="position", type="category")
-    figure.update_layout(title="logit lens: top token per layer × position")
+    figure.update_layout(title=f"{escape(lens.method)}: top token per layer × position")
     return figure
 
 

@@ -8,7 +8,7 @@ the columns, so a batch would need a view per prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,18 +32,36 @@ def logit_lens(
     or "embed"; all of them, embeddings first, by default) and `positions` (all by default; negative counts from the
     end; "last" is the last token). `top_k` is how many tokens each cell's hover and `top_tokens` list. The result keeps every log-probability
     (layers × positions × vocabulary floats: choose `positions` for long prompts of large-vocabulary models)."""
+    return read_lens(model, inputs, layers, positions, top_k)
+
+
+def read_lens(
+    model: Any,
+    inputs: Any,
+    layers: Sequence[Layer] | None,
+    positions: int | slice | Sequence[int] | str | None,
+    top_k: int,
+    *,
+    translate: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    method: str = "logit lens",
+) -> LogitLens:
+    """`logit_lens`'s reading, with each layer's residual stream `[position, d_model]` first passed through
+    `translate(hook name, stream)` when given (the tuned lens's translators), labelled `method`."""
     norm = final_norm(model)
     unembed, bias = model.weights.W_U, model.weights.b_U
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise InputError(f"top_k must be a positive integer, got {top_k!r}")
     n_layers = len(model.weights.blocks)
     chosen = _layers(layers, n_layers)
-    names = ["blocks.0.hook_resid_pre" if layer == "embed" else f"blocks.{layer}.hook_resid_post" for layer in chosen]
+    names = [layer_hook(layer) for layer in chosen]
     trace = model.run(one_prompt(inputs), capture=names)
     length = trace.tokens.shape[1]
     kept = positions_in(positions, length)
     with torch.no_grad():
-        streams = torch.stack([trace[name][0, kept] for name in names])  # [layer, position, d_model]
+        streams = [trace[name][0, kept] for name in names]
+        if translate is not None:
+            streams = [translate(name, stream) for name, stream in zip(names, streams)]
+        streams = torch.stack(streams)  # [layer, position, d_model]
         logits = norm(streams).to(unembed.dtype) @ unembed + bias
     str_tokens = model.to_str_tokens(trace.tokens[0]) if model.tokenizer is not None else [str(t) for t in trace.tokens[0].tolist()]
     return LogitLens(
@@ -54,20 +72,28 @@ def logit_lens(
         length,
         model,
         top_k,
+        method,
     )
+
+
+def layer_hook(layer: Layer) -> str:
+    """The hook a lens reads at `layer`: `blocks.0.hook_resid_pre` for "embed", else `blocks.{layer}.hook_resid_post`."""
+    return "blocks.0.hook_resid_pre" if layer == "embed" else f"blocks.{layer}.hook_resid_post"
 
 
 class LogitLens(Renders):
     """Log-probabilities `.logprobs [layer, position, vocab]` of the logit lens over `.layers` (labels: "embed",
-    "0", "1", ...) and `.positions` (indices into the prompt of `.length` tokens; their tokens are `.tokens`).
+    "0", "1", ...; `.method` says which lens: "logit lens" or "tuned lens") and `.positions` (indices into the prompt of `.length` tokens; their tokens are `.tokens`).
 
     `.top_tokens(layer, position)`, `.logprob_of(token)`, `.to_numpy()`; renders as a layer × position grid of each
     cell's top token shaded by its probability; `.figure()` is the same as a plotly heatmap.
     """
 
     def __init__(
-        self, logprobs: torch.Tensor, layers: list[str], positions: list[int], tokens: list[str], length: int, model: Any, top_k: int
+        self, logprobs: torch.Tensor, layers: list[str], positions: list[int], tokens: list[str], length: int, model: Any, top_k: int,
+        method: str = "logit lens",
     ):
+        self.method = method
         self.logprobs = logprobs
         self.length = length
         self.layers = layers
@@ -77,7 +103,8 @@ class LogitLens(Renders):
         self._model = model
 
     def __repr__(self) -> str:
-        return f"LogitLens({len(self.layers)} layers × {len(self.positions)} positions, vocab {self.logprobs.shape[-1]})"
+        what = "" if self.method == "logit lens" else f"{self.method}: "
+        return f"LogitLens({what}{len(self.layers)} layers × {len(self.positions)} positions, vocab {self.logprobs.shape[-1]})"
 
     def to_numpy(self) -> np.ndarray:
         """`.logprobs` as a numpy array `[layer, position, vocab]`."""
