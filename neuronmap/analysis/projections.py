@@ -1,0 +1,217 @@
+"""Activations projected to a few dimensions: PCA (streaming over an activation store), t-SNE and UMAP, and the
+effective dimensionality of a layer (participation ratio, components for 95% / 99% of the variance).
+
+PCA on a store reads it twice, block by block: once to accumulate the mean and the `[features × features]` scatter
+matrix in float64 (memory independent of the number of rows), once to project every row on the top components, so
+the result equals PCA of the whole matrix in memory. t-SNE (scikit-learn) and UMAP (umap-learn, the `umap` extra) read
+the matrix whole. Written here: the streamed covariance and projection; scikit-learn does t-SNE and torch the
+eigendecomposition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from .activations import as_matrix, token_contexts
+from .projection_view import Projection, dimensions_for, participation_ratio
+
+__all__ = ["Projection", "dimensions_for", "effective_dimensionality", "participation_ratio", "pca", "tsne", "umap"]
+
+
+def pca(source: Any, hook: str | None = None, *, n_components: int = 2, labels: Sequence[Any] | None = None,
+        batch_size: int = 4096) -> Projection:
+    """Principal components of the rows of `source` (see `as_matrix`), and every row's coordinates on the top
+    `n_components`.
+
+    An activation store (with `hook`) or one of its hook views is streamed in blocks of `batch_size` rows, in two
+    passes, so memory holds one block and the `[features × features]` covariance whatever the number of rows.
+    `labels` (one per row) colour the scatter. The result keeps the whole spectrum (`.explained_variance_ratio` has
+    one entry per dimension), so the explained-variance curve and effective dimensionality cover every dimension.
+    """
+    _check_int(batch_size, "batch_size", 1)
+    view = _store_view(source, hook)
+    if view is None:
+        matrix = as_matrix(source, hook)
+        n, d = matrix.shape
+        _check_components(n_components, n, d)
+        labels = _checked_labels(labels, n)
+        mean = matrix.mean(0)
+        centred = matrix - mean
+        if d <= n:
+            eigenvalues, eigenvectors = _spectrum((centred.T @ centred) / (n - 1))
+        else:  # fewer rows than features: the thin SVD of the rows is smaller than the covariance
+            _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
+            eigenvalues, eigenvectors = singular**2 / (n - 1), vt.T
+        components = _flipped(eigenvectors[:, :n_components].T.contiguous())
+        coordinates = centred @ components.T
+    else:
+        n, d = len(view), _features(view)
+        _check_components(n_components, n, d)
+        labels = _checked_labels(labels, n)
+        mean, covariance = _streamed_covariance(view, batch_size)
+        eigenvalues, eigenvectors = _spectrum(covariance)
+        components = _flipped(eigenvectors[:, :n_components].T.contiguous())
+        coordinates = torch.cat([block.sub_(mean) @ components.T for block in _blocks(view, batch_size)])
+    return Projection(
+        coordinates, "PCA", labels=labels, hover=token_contexts(source, hook), components=components, mean=mean,
+        eigenvalues=eigenvalues.clamp(min=0)[: min(n, d)],
+    )
+
+
+def effective_dimensionality(source: Any, hook: str | None = None, *, batch_size: int = 4096) -> dict[str, Any]:
+    """How many dimensions the rows of `source` really use: the participation ratio `(Σλ)² / Σλ²` of the covariance
+    eigenvalues λ, and the number of principal components that explain 95% and 99% of the variance. A store is
+    streamed (one pass)."""
+    _check_int(batch_size, "batch_size", 1)
+    view = _store_view(source, hook)
+    if view is None:
+        matrix = as_matrix(source, hook)
+        if len(matrix) < 2:
+            raise InputError(f"effective dimensionality needs at least 2 rows (samples), got {len(matrix)}")
+        centred = matrix - matrix.mean(0)
+        if matrix.shape[1] <= len(matrix):
+            eigenvalues = torch.linalg.eigvalsh(centred.T @ centred / (len(matrix) - 1))
+        else:
+            eigenvalues = torch.linalg.svdvals(centred) ** 2 / (len(matrix) - 1)
+        rows, features = matrix.shape
+    else:
+        if len(view) < 2:
+            raise InputError(f"effective dimensionality needs at least 2 rows (samples), got {len(view)}")
+        eigenvalues = torch.linalg.eigvalsh(_streamed_covariance(view, batch_size)[1])
+        rows, features = len(view), _features(view)
+    spectrum = eigenvalues.clamp(min=0).sort(descending=True).values
+    return {"participation_ratio": participation_ratio(spectrum), "dims_95": dimensions_for(spectrum, 0.95),
+            "dims_99": dimensions_for(spectrum, 0.99), "rows": rows, "features": features}
+
+
+def tsne(source: Any, hook: str | None = None, *, n_components: int = 2, perplexity: float = 30.0,
+         labels: Sequence[Any] | None = None, seed: int = 0, pca_components: int | None = 50) -> Projection:
+    """t-SNE embedding (scikit-learn's `TSNE`, PCA initialisation, automatic learning rate) of the rows of `source`.
+
+    Rows with more than `pca_components` features are first reduced to that many principal components (`pca`), as is
+    usual, which removes noise and makes the neighbour search fast; `None` keeps every feature. The perplexity must
+    be below the number of rows."""
+    from sklearn.manifold import TSNE
+
+    matrix = as_matrix(source, hook)
+    n = len(matrix)
+    _check_int(n_components, "n_components", 1)
+    if n_components > 3:
+        raise InputError(f"t-SNE embeds in 1 to 3 dimensions (Barnes-Hut), got n_components={n_components}")
+    if not perplexity > 0 or n <= perplexity:
+        raise InputError(
+            f"t-SNE needs more rows (samples) than its perplexity: {n} rows for perplexity={perplexity}; "
+            f"lower the perplexity (below {n}) or give more rows"
+        )
+    labels = _checked_labels(labels, n)
+    if pca_components is not None and matrix.shape[1] > pca_components:
+        matrix = pca(matrix, n_components=min(pca_components, n)).coordinates
+    embedding = TSNE(n_components=n_components, perplexity=perplexity, random_state=seed, init="pca",
+                     learning_rate="auto").fit_transform(matrix.numpy())
+    return Projection(torch.from_numpy(embedding).double(), "t-SNE", labels=labels, hover=token_contexts(source, hook))
+
+
+def umap(source: Any, hook: str | None = None, *, n_components: int = 2, n_neighbors: int = 15,
+         min_dist: float = 0.1, labels: Sequence[Any] | None = None, seed: int = 0) -> Projection:
+    """UMAP embedding (umap-learn, installed with `pip install "neuronmap[umap]"`) of the rows of `source`."""
+    try:
+        import umap as umap_learn
+    except ImportError as error:
+        raise InputError('UMAP needs umap-learn, which is not installed: pip install "neuronmap[umap]"') from error
+    matrix = as_matrix(source, hook)
+    n = len(matrix)
+    _check_int(n_components, "n_components", 1)
+    if n <= max(n_neighbors, n_components + 1):
+        raise InputError(f"UMAP needs more rows (samples) than n_neighbors={n_neighbors}, got {n}")
+    labels = _checked_labels(labels, n)
+    reducer = umap_learn.UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed)
+    embedding = reducer.fit_transform(matrix.numpy())
+    return Projection(torch.from_numpy(np.asarray(embedding)).double(), "UMAP", labels=labels,
+                      hover=token_contexts(source, hook))
+
+
+def _store_view(source: Any, hook: str | None) -> Any:
+    """The store hook view to stream for `source`, or None when `source` is not a store."""
+    if hasattr(source, "hooks") and hasattr(source, "batches"):
+        if hook is None:
+            if len(source.hooks) != 1:
+                raise InputError(f"the store holds {len(source.hooks)} hooks ({', '.join(source.hooks)}): pass hook=")
+            hook = source.hooks[0]
+        return source[hook]
+    if hasattr(source, "read") and hasattr(source, "to_torch") and hasattr(source, "__len__"):
+        return source
+    return None
+
+
+def _streamed_covariance(view: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the (n - 1)-normalised covariance of every row of `view`, accumulated block by block in float64
+    around the first block's mean (a shift that keeps the sums from cancelling when the mean is large)."""
+    n, d = len(view), _features(view)
+    shift = None
+    total = torch.zeros(d, dtype=torch.float64)
+    scatter = torch.zeros(d, d, dtype=torch.float64)
+    for block in _blocks(view, batch_size):
+        if shift is None:
+            shift = block.mean(0)
+        block -= shift
+        total += block.sum(0)
+        scatter.addmm_(block.T, block)
+    offset = total / n
+    covariance = (scatter - n * torch.outer(offset, offset)) / (n - 1)
+    return shift + offset, (covariance + covariance.T) / 2
+
+
+def _blocks(view: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive float64 blocks of `batch_size` rows of a store's hook view, each read from disk in one go."""
+    for start in range(0, len(view), batch_size):
+        block = view.to_torch(view.read(start, min(start + batch_size, len(view)))).flatten(1).to(torch.float64)
+        bad = int((~torch.isfinite(block)).sum())
+        if bad:
+            raise InputError(f"{view.hook!r} holds {bad:,} NaN or infinite values in rows {start:,} to "
+                             f"{start + len(block):,}; analyses need finite numbers")
+        yield block
+
+
+def _spectrum(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns, same order) of a symmetric matrix."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    return eigenvalues.flip(0), eigenvectors.flip(1)
+
+
+def _flipped(components: torch.Tensor) -> torch.Tensor:
+    """Components signed so that each one's largest-magnitude entry is positive (scikit-learn's convention), so the
+    same data gives the same signs."""
+    largest = components.abs().argmax(1)
+    signs = torch.sign(components[torch.arange(len(components)), largest])
+    return components * torch.where(signs == 0, 1.0, signs).to(components.dtype)[:, None]
+
+
+def _features(view: Any) -> int:
+    return int(np.prod(view.shape[1:], dtype=np.int64))
+
+
+def _check_components(n_components: int, n: int, d: int) -> None:
+    _check_int(n_components, "n_components", 1)
+    if n < 2:
+        raise InputError(f"PCA needs at least 2 rows (samples), got {n}")
+    if n_components > min(n, d):
+        raise InputError(f"n_components={n_components} is more than min(rows, features) = min({n}, {d})")
+
+
+def _checked_labels(labels: Sequence[Any] | None, n: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    array = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if array.ndim != 1 or len(array) != n:
+        raise InputError(f"labels need one entry per row: {n} rows, got labels of shape {list(array.shape)}")
+    return array
+
+
+def _check_int(value: Any, name: str, minimum: int) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise InputError(f"{name} must be an int of at least {minimum}, got {value!r}")
