@@ -36,6 +36,7 @@ WEIGHTS_FILE = "tuned_lens.safetensors"
 CONFIG_FILE = "tuned_lens.json"
 FORMAT = "neuronmap.tuned_lens"
 FORMAT_VERSION = 1
+_TITLE = "mean KL(final ‖ lens) by layer (±1.96 SE)"
 
 
 class TunedLensError(NeuronMapError, ValueError):
@@ -219,7 +220,7 @@ def train_tuned_lens(
                            for i, stream in enumerate(streams)])
         loss = kls.mean()
         if not torch.isfinite(loss):
-            raise TunedLensError(f"the tuned lens's loss is {float(loss)} at step {step}: lower lr (now {lr})", step)
+            raise TunedLensError(f"the tuned lens's loss is {float(loss.detach())} at step {step}: lower lr (now {lr})", step)
         weight.grad, bias.grad = torch.autograd.grad(loss, [weight, bias])  # gradients for the translators only
         optimiser.step()
         schedule.step()
@@ -304,7 +305,8 @@ class LensKL(Renders):
 
     def figure(self) -> Any:
         """The plotly line chart of mean KL by layer, one line per lens, shaded ±1.96 standard errors."""
-        return line_chart_figure(self.layers, *self._chart())
+        series, bands = self._chart()
+        return line_chart_figure(self.layers, series, bands=bands, title=_TITLE, x_label="layer", y_label="KL (nats)")
 
     def _chart(self) -> tuple[dict, dict]:
         series = {m: row.tolist() for m, row in zip(self.methods, self.mean)}
@@ -314,7 +316,7 @@ class LensKL(Renders):
 
     def _repr_html_(self) -> str:
         series, bands = self._chart()
-        chart = line_chart_svg(self.layers, series, bands=bands, title="mean KL(final ‖ lens) by layer (±1.96 SE)",
+        chart = line_chart_svg(self.layers, series, bands=bands, title=_TITLE,
                                x_label="layer", y_label="KL (nats)")
         headers = ["layer", "hook", *(f"{m} KL ± SE" for m in self.methods)]
         rows = [(layer, hook, *(f"{self.mean[m, i]:.4g} ± {self.se[m, i]:.2g}" for m in range(len(self.methods))))
