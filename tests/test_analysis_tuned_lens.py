@@ -104,6 +104,26 @@ def test_the_trained_lens_has_lower_kl_than_the_logit_lens_at_every_layer_on_hel
     assert alone.methods == ["logit lens"] and alone.to_numpy()[0] == pytest.approx([expected[0, 1]], rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_rotary_families_train_and_read_through_their_own_norm(family):
+    model = nm.load(make_model(family))
+    generator = torch.Generator().manual_seed(0)
+    train, held = torch.randint(0, 28, (40, 16), generator=generator), torch.randint(0, 28, (6, 16), generator=generator)
+    lens = train_tuned_lens(model, train, **{**TRAINING, "steps": 40, "batch_size": 128})
+    measured = lens_kl(model, held, lens)
+    assert (measured.mean[1] < measured.mean[0]).all()
+    # The same KL from the model's own logits and the (tested) logit lens / tuned lens views, prompt by prompt.
+    per_token = {"logit lens": [], "tuned lens": []}
+    for row in held:
+        final = model.run(row[None]).logits[0].double().log_softmax(-1)
+        for method, view in (("logit lens", logit_lens(model, row)), ("tuned lens", tuned_lens(model, row, lens))):
+            per_token[method].append(torch.stack([
+                torch.nn.functional.kl_div(view.logprobs[i].double(), final, log_target=True, reduction="none").sum(-1)
+                for i in range(2)]))
+    expected = torch.stack([torch.cat(per_token[m], 1).mean(1) for m in ("logit lens", "tuned lens")]).numpy()
+    assert measured.to_numpy() == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
 def test_save_and_load_round_trip_bit_identically(ioi, trained, tmp_path):
     trained.save(tmp_path / "lens")
     assert sorted(p.name for p in (tmp_path / "lens").iterdir()) == ["tuned_lens.json", "tuned_lens.safetensors"]

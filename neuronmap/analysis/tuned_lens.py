@@ -91,6 +91,11 @@ class TunedLens(Renders):
             raise InputError(f"this tuned lens has no translator for {hook!r} (it has: {', '.join(self.hooks)})")
         return _translated(stream, self.weight[self.hooks.index(hook)], self.bias[self.hooks.index(hook)])
 
+    def to(self, device: str | torch.device) -> TunedLens:
+        """Move the translators to `device` (in place, like `nn.Module.to`) and return the lens."""
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+        return self
+
     def __call__(self, model: Any, prompt: Any, **options: Any) -> LogitLens:
         return tuned_lens(model, prompt, self, **options)
 
@@ -154,7 +159,7 @@ class TunedLens(Renders):
                    n_layers=description["n_layers"], training=description.get("training"))
         if model is not None:
             lens.check(model)
-            lens.weight, lens.bias = lens.weight.to(model.weights.W_U.device), lens.bias.to(model.weights.W_U.device)
+            lens.to(model.weights.W_U.device)
         return lens
 
     def __repr__(self) -> str:
@@ -241,6 +246,7 @@ def tuned_lens(model: Any, prompt: Any, lens: TunedLens, *, positions: int | sli
     if not isinstance(lens, TunedLens):
         raise InputError(f"lens must be a TunedLens (from train_tuned_lens or TunedLens.load), not {type(lens).__name__}")
     lens.check(model)
+    lens.to(model.weights.W_U.device)
     last = len(model.weights.blocks) - 1
     layers = [("embed" if label == "embed" else int(label)) for label in lens.layers] + [last]
     return read_lens(model, prompt, layers, positions, top_k, translate=lens.translate, method="tuned lens")
@@ -256,6 +262,7 @@ def lens_kl(model: Any, data: Any, lens: TunedLens | None = None, *, hooks: str 
         if not isinstance(lens, TunedLens):
             raise InputError(f"lens must be a TunedLens or None, not {type(lens).__name__}")
         lens.check(model)
+        lens.to(model.weights.W_U.device)
     names = _lens_hooks(model, hooks if hooks is not None else (lens.hooks if lens is not None else DEFAULT_HOOKS))
     _positive("batch_size", batch_size)
     rows = _rows(model, data, names, context_length, model_batch_size)
