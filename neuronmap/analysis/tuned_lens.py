@@ -36,6 +36,7 @@ WEIGHTS_FILE = "tuned_lens.safetensors"
 CONFIG_FILE = "tuned_lens.json"
 FORMAT = "neuronmap.tuned_lens"
 FORMAT_VERSION = 1
+_CONTEXT = 1024  # tokens per window for a model that states no context length (else its own, as nm.extract)
 _TITLE = "mean KL(final ‖ lens) by layer (±1.96 SE)"
 
 
@@ -191,7 +192,7 @@ def train_tuned_lens(
     `blocks.0.hook_resid_pre` for the embeddings; the last layer is left out: its translator is the identity).
 
     `data`: texts (a list of strings, token ids: anything `nm.extract` reads), run through the model once in
-    `model_batch_size` windows of `context_length` tokens, their residual streams held in memory (tokens × (hooks +
+    `model_batch_size` windows of `context_length` tokens (default: the model's context, as `nm.extract`), their residual streams held in memory (tokens × (hooks +
     1) × d_model floats); or an `ActivationStore` (or the path of an .h5 store) holding `hooks` and the last layer's
     `hook_resid_post`, read block by block. The target is the model's own next-token distribution: the last layer's
     residual stream through the final norm and unembedding, no gradient reaching the model.
@@ -439,7 +440,7 @@ def _model_rows(model: Any, inputs: Any, hooks: list[str], final: str, context_l
     from ..store.sources import token_batches
 
     limit = model.context_length
-    context = context_length if context_length is not None else min(128, limit) if limit else 128
+    context = context_length if context_length is not None else limit or _CONTEXT
     _positive("context_length", context)
     names = [*hooks, final]
     parts: list[list[torch.Tensor]] = [[] for _ in names]
