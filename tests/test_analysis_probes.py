@@ -115,6 +115,8 @@ def test_a_trace_gives_its_tokens_as_types_and_a_store_its_token_column(tmp_path
     stored = probe(store, np.arange(len(store.tokens)) % 2, folds=3)
     reference = probe(store[hook][:], np.arange(len(store.tokens)) % 2, folds=3, token_types=store.tokens)
     np.testing.assert_array_equal(stored.control_fold_accuracies, reference.control_fold_accuracies)
+    curve = probe_by_layer(store, np.arange(len(store.tokens)) % 2, hooks="blocks.*", folds=3)
+    assert curve.hooks == [hook] and curve[hook].accuracy == stored.accuracy
 
 
 def test_probe_by_layer_finds_the_indirect_object_in_the_last_layer_not_the_embedding():
