@@ -59,7 +59,8 @@ def _hand_kl(model, texts: list[str], lens: TunedLens) -> tuple[torch.Tensor, to
     for i, hook in enumerate(lens.hooks):
         stream = trace[hook][real]
         for out, lensed in ((logit, stream), (tuned, _translate_by_hand(lens, i, stream))):
-            out.append(torch.nn.functional.kl_div(_by_hand(model, lensed), final, log_target=True, reduction="none").sum(-1))
+            kl = torch.nn.functional.kl_div(_by_hand(model, lensed), final, log_target=True, reduction="none")
+            out.append(kl.sum(-1))
     return torch.stack(logit), torch.stack(tuned)
 
 
@@ -108,7 +109,8 @@ def test_the_trained_lens_has_lower_kl_than_the_logit_lens_at_every_layer_on_hel
 def test_rotary_families_train_and_read_through_their_own_norm(family):
     model = nm.load(make_model(family))
     generator = torch.Generator().manual_seed(0)
-    train, held = torch.randint(0, 28, (40, 16), generator=generator), torch.randint(0, 28, (6, 16), generator=generator)
+    train = torch.randint(0, 28, (40, 16), generator=generator)
+    held = torch.randint(0, 28, (6, 16), generator=generator)
     lens = train_tuned_lens(model, train, **{**TRAINING, "steps": 40, "batch_size": 128})
     measured = lens_kl(model, held, lens)
     assert (measured.mean[1] < measured.mean[0]).all()

@@ -77,7 +77,8 @@ def read_lens(
 
 
 def layer_hook(layer: Layer) -> str:
-    """The hook a lens reads at `layer`: `blocks.0.hook_resid_pre` for "embed", else `blocks.{layer}.hook_resid_post`."""
+    """The hook a lens reads at `layer`: `blocks.0.hook_resid_pre` for "embed", else
+    `blocks.{layer}.hook_resid_post`."""
     return "blocks.0.hook_resid_pre" if layer == "embed" else f"blocks.{layer}.hook_resid_post"
 
 

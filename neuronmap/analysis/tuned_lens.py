@@ -106,8 +106,8 @@ class TunedLens(Renders):
         found = (model.name, _d_model(model), len(model.weights.blocks))
         wanted = (self.model_name, self.d_model, self.n_layers)
         if found != wanted:
-            differences = [f"{what} {w!r}, not {f!r}" for what, f, w in zip(("model", "d_model", "layers"), found, wanted)
-                           if f != w]
+            differences = [f"{what} {w!r}, not {f!r}"
+                           for what, f, w in zip(("model", "d_model", "layers"), found, wanted) if f != w]
             raise TunedLensError(f"this tuned lens was made for another model: {'; '.join(differences)}")
         missing = [hook for hook in self.hooks if hook not in model.hook_names]
         if missing:
@@ -172,7 +172,8 @@ class TunedLens(Renders):
         kl = (self.training or {}).get("final_kl", {})
         rows = [(hook, layer, f"{float(w.norm()):.4g}", f"{float(b.norm()):.4g}", _number(kl.get(hook)))
                 for hook, layer, w, b in zip(self.hooks, self.layers, self.weight, self.bias)]
-        return html_table(repr(self), ["hook", "layer", "‖A‖_F", "‖b‖", "KL at the last step"], rows, numeric=(2, 3, 4))
+        headers = ["hook", "layer", "‖A‖_F", "‖b‖", "KL at the last step"]
+        return html_table(repr(self), headers, rows, numeric=(2, 3, 4))
 
 
 def train_tuned_lens(
@@ -192,10 +193,11 @@ def train_tuned_lens(
     `blocks.0.hook_resid_pre` for the embeddings; the last layer is left out: its translator is the identity).
 
     `data`: texts (a list of strings, token ids: anything `nm.extract` reads), run through the model once in
-    `model_batch_size` windows of `context_length` tokens (default: the model's context, as `nm.extract`), their residual streams held in memory (tokens × (hooks +
-    1) × d_model floats); or an `ActivationStore` (or the path of an .h5 store) holding `hooks` and the last layer's
-    `hook_resid_post`, read block by block. The target is the model's own next-token distribution: the last layer's
-    residual stream through the final norm and unembedding, no gradient reaching the model.
+    `model_batch_size` windows of `context_length` tokens (default: the model's context, as `nm.extract`), their
+    residual streams held in memory (tokens × (hooks + 1) × d_model floats); or an `ActivationStore` (or the path of
+    an .h5 store) holding `hooks` and the last layer's `hook_resid_post`, read block by block. The target is the
+    model's own next-token distribution: the last layer's residual stream through the final norm and unembedding, no
+    gradient reaching the model.
 
     Each of `steps` Adam steps at `lr` (decayed linearly to 0) reads `batch_size` consecutive tokens, the blocks
     visited in an order shuffled from `seed` (again for each pass), and lowers the mean over hooks of the mean over
@@ -226,7 +228,8 @@ def train_tuned_lens(
                            for i, stream in enumerate(streams)])
         loss = kls.mean()
         if not torch.isfinite(loss):
-            raise TunedLensError(f"the tuned lens's loss is {float(loss.detach())} at step {step}: lower lr (now {lr})", step)
+            raise TunedLensError(f"the tuned lens's loss is {float(loss.detach())} at step {step}: lower lr (now {lr})",
+                                 step)
         weight.grad, bias.grad = torch.autograd.grad(loss, [weight, bias])  # gradients for the translators only
         optimiser.step()
         schedule.step()
@@ -245,7 +248,8 @@ def tuned_lens(model: Any, prompt: Any, lens: TunedLens, *, positions: int | sli
     `.method` is "tuned lens"), each layer's residual stream first through its translator. Its layers are the
     lens's, then the last layer (the model's own output)."""
     if not isinstance(lens, TunedLens):
-        raise InputError(f"lens must be a TunedLens (from train_tuned_lens or TunedLens.load), not {type(lens).__name__}")
+        raise InputError(f"lens must be a TunedLens (from train_tuned_lens or TunedLens.load), not "
+                         f"{type(lens).__name__}")
     lens.check(model)
     lens.to(model.weights.W_U.device)
     last = len(model.weights.blocks) - 1
@@ -305,7 +309,8 @@ class LensKL(Renders):
 
     def __repr__(self) -> str:
         means = "; ".join(f"{m} {' '.join(f'{v:.3g}' for v in row)}" for m, row in zip(self.methods, self.mean))
-        return f"LensKL({len(self.layers)} layers over {self.tokens:,} tokens, mean KL(final ‖ lens) in nats: {means})"
+        return (f"LensKL({len(self.layers)} layers over {self.tokens:,} tokens, mean KL(final ‖ lens) in nats: "
+                f"{means})")
 
     def to_numpy(self) -> np.ndarray:
         """The means `[method, layer]`."""
@@ -329,7 +334,8 @@ class LensKL(Renders):
         headers = ["layer", "hook", *(f"{m} KL ± SE" for m in self.methods)]
         rows = [(layer, hook, *(f"{self.mean[m, i]:.4g} ± {self.se[m, i]:.2g}" for m in range(len(self.methods))))
                 for i, (layer, hook) in enumerate(zip(self.layers, self.hooks))]
-        table = html_table(f"over {self.tokens:,} tokens", headers, rows, numeric=tuple(range(2, 2 + len(self.methods))))
+        numeric = tuple(range(2, 2 + len(self.methods)))
+        table = html_table(f"over {self.tokens:,} tokens", headers, rows, numeric=numeric)
         return f'<div class="nm-lens-kl"><div>{escape(repr(self))}</div>{chart}{table}</div>'
 
 
@@ -374,7 +380,8 @@ def _lens_hooks(model: Any, hooks: str | Sequence[str]) -> list[str]:
                              f"the embeddings (blocks.0.hook_resid_pre), not {name!r}")
     names = [name for name in names if name != final]
     if not names:
-        raise InputError(f"no layer to translate: {hooks!r} names only the last layer, whose translator is the identity")
+        raise InputError(f"no layer to translate: {hooks!r} names only the last layer, whose translator is the "
+                         "identity")
     return names
 
 
