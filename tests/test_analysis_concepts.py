@@ -95,6 +95,7 @@ def test_directional_derivative_equals_a_finite_difference_along_the_cav(model):
 
             eps = 0.05
             assert float(value) == pytest.approx((diff(eps) - diff(-eps)) / (2 * eps), rel=1e-2, abs=2e-4)
+    assert all(p.grad is None for p in model.module.parameters())  # only the hook's gradient was taken
 
 
 def test_tcav_flags_the_ioi_structure_and_not_random_text(model):

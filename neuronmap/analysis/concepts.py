@@ -20,6 +20,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ..circuits.components import frozen
 from ..errors import InputError
 from .activations import as_matrix
 from .concept_view import ConceptDirection, TCAVResult
@@ -206,11 +207,12 @@ def _target_gradients(model: Any, texts: Sequence[str], hook: str, target: Targe
     gradients = []
     for start in range(0, len(texts), BATCH):
         chunk = list(texts[start : start + BATCH])
-        trace = model.run(chunk, capture_grad=hook)
-        mask = trace.attention_mask.bool()
-        last = (torch.arange(mask.shape[1]) * mask).argmax(1)
-        values = _target_values(trace, last, per_text[start : start + BATCH] if per_text else target, model)
-        values.sum().backward()
+        with frozen(model.module):  # the backward fills the hook's gradient, not the parameters' .grad
+            trace = model.run(chunk, capture_grad=hook)
+            mask = trace.attention_mask.bool()
+            last = (torch.arange(mask.shape[1]) * mask).argmax(1)
+            values = _target_values(trace, last, per_text[start : start + BATCH] if per_text else target, model)
+            values.sum().backward()
         grad = trace.grad(hook).flatten(2).double()
         if positions == "last":
             gradients.append(grad[torch.arange(len(last)), last])
@@ -240,7 +242,7 @@ def _target_values(trace: Any, last: torch.Tensor, target: Any, model: Any) -> t
     targets = target if isinstance(target, list) else [target] * len(last)
     values = []
     for row, one in zip(logits, targets):
-        if isinstance(one, tuple):
+        if isinstance(one, (tuple, list)):
             if len(one) != 2:
                 raise InputError(f"a target pair is (token, wrong token), got {len(one)} items")
             values.append(row[token_id(model, one[0], vocab, "target")] - row[token_id(model, one[1], vocab, "wrong")])

@@ -44,7 +44,8 @@ def probe(
     the penalty's strength (logistic `C = 1 / regularization`, ridge `alpha = regularization`). With `control`, the
     control task gives each token type (the token id of each row: from a trace's tokens, a store's `.tokens`, or
     `token_types=`) one random label drawn from the labels' empirical distribution and is scored with the same
-    folds. `.direction` is the probe refitted on every row, in the activations' own units.
+    folds (rows that all share one token type, such as every prompt's last token, make it constant and trivially
+    learnt: pass `control=False` there). `.direction` is the probe refitted on every row, in the activations' units.
     """
     if kind not in KINDS:
         raise InputError(f"kind must be one of {KINDS}, not {kind!r}")
