@@ -80,8 +80,8 @@ def cross_layer_correlation(
     neuron of layer j. Asymmetric; 1 on the diagonal.
 
     `source`: a `Trace` or activation store with `hooks` (names or glob patterns), or a `{name: activations}`
-    mapping of sets over the same inputs. Constant neurons have no correlation: they are left out of the mean and
-    match nothing.
+    mapping of sets over the same inputs; each set is read whole (`as_matrix`). Constant neurons have no correlation:
+    they are left out of the mean and match nothing.
     """
     sets = [(name, as_matrix(*matrix) if isinstance(matrix, tuple) else as_matrix(matrix))
             for name, matrix in _hook_sets(source, hooks, "cross_layer_correlation", minimum=2)]
@@ -175,8 +175,6 @@ class _Moments:
         """`self` and `other` as one set (Pébay 2008, eqs. 2.1-2.4, pairwise form)."""
         if other is None:
             return self
-        if self.mean.shape != other.mean.shape:
-            raise InputError(f"blocks of {other.mean.numel()} and {self.mean.numel()} features: rows must match")
         a, b = other, self
         n = a.n + b.n
         delta = b.mean - a.mean
@@ -211,39 +209,48 @@ def _layer_row(name: str, source: Any, outlier_factor: float, batch_size: int) -
     """One layer's summary: rows, features, norm mean and std, effective rank, outlier features."""
     matrix_source, hook = source if isinstance(source, tuple) else (source, None)
     streamed = _store_view(matrix_source, hook) is not None
-    n, norm_sum, norm_sq, abs_sum, mean, comoment, singular = 0, 0.0, 0.0, None, None, None, None
+    norms = abs_sum = spectrum = None
     for block in row_blocks(matrix_source, hook, batch_size):
-        norms = block.norm(dim=1)
-        norm_sum, norm_sq = norm_sum + float(norms.sum()), norm_sq + float(norms.square().sum())
+        norms = _Moments.of(block.norm(dim=1)[:, None], 0.0).merged(norms)
         abs_sum = block.abs().sum(0) if abs_sum is None else abs_sum + block.abs().sum(0)
-        if not streamed:
-            singular = torch.linalg.svdvals(block - block.mean(0))
-        else:
-            block_mean = block.mean(0)
-            centred = block - block_mean
-            block_co = centred.T @ centred
-            if mean is None:
-                mean, comoment = block_mean, block_co
-            else:
-                delta = block_mean - mean
-                total = n + len(block)
-                comoment = comoment + block_co + torch.outer(delta, delta) * n * len(block) / total
-                mean = mean + delta * len(block) / total
-        n += len(block)
-    if n == 0:
+        spectrum = _CoMoments.of(block).merged(spectrum) if streamed else torch.linalg.svdvals(block - block.mean(0))
+    if norms is None:
         raise InputError(f"{name!r} has no rows to summarise")
-    if streamed:
-        # eigenvalues of the co-moment matrix are the squared singular values; those within its round-off are 0
-        eigen = torch.linalg.eigvalsh(comoment)
-        singular = torch.where(eigen > eigen[-1] * len(eigen) * torch.finfo(eigen.dtype).eps, eigen, 0).sqrt()
-    norm_mean = norm_sum / n
-    mean_abs = abs_sum / n
+    singular = spectrum.singular_values() if streamed else spectrum
+    mean_abs = abs_sum / norms.n
     median = float(mean_abs.quantile(0.5))
     outliers = torch.nonzero(mean_abs > outlier_factor * median).flatten() if median > 0 else torch.zeros(0, dtype=torch.long)
-    order = torch.argsort(mean_abs[outliers], descending=True)
-    return {"name": name, "rows": n, "features": len(mean_abs), "norm_mean": norm_mean,
-            "norm_std": math.sqrt(max(norm_sq / n - norm_mean**2, 0.0)), "effective_rank": effective_rank(singular),
-            "outliers": outliers[order].tolist(), "outlier_ratios": (mean_abs[outliers[order]] / median).tolist()}
+    outliers = outliers[torch.argsort(mean_abs[outliers], descending=True)]
+    return {"name": name, "rows": norms.n, "features": len(mean_abs), "norm_mean": float(norms.mean[0]),
+            "norm_std": math.sqrt(float(norms.m2[0]) / norms.n), "effective_rank": effective_rank(singular),
+            "outliers": outliers.tolist(), "outlier_ratios": (mean_abs[outliers] / median).tolist()}
+
+
+class _CoMoments:
+    """Count, mean and centred co-moment matrix `Σ (x - mean)(x - mean)ᵀ` of a set of rows, mergeable (Chan et al.)."""
+
+    def __init__(self, n: int, mean: torch.Tensor, comoment: torch.Tensor):
+        self.n, self.mean, self.comoment = n, mean, comoment
+
+    @classmethod
+    def of(cls, block: torch.Tensor) -> _CoMoments:
+        mean = block.mean(0)
+        centred = block - mean
+        return cls(len(block), mean, centred.T @ centred)
+
+    def merged(self, other: _CoMoments | None) -> _CoMoments:
+        if other is None:
+            return self
+        n = self.n + other.n
+        delta = self.mean - other.mean
+        comoment = other.comoment + self.comoment + torch.outer(delta, delta) * (other.n * self.n / n)
+        return _CoMoments(n, other.mean + delta * self.n / n, comoment)
+
+    def singular_values(self) -> torch.Tensor:
+        """The centred matrix's singular values: square roots of the co-moment's eigenvalues, those within its
+        round-off (below `λ_max · features · eps`) taken as 0."""
+        eigen = torch.linalg.eigvalsh(self.comoment)
+        return torch.where(eigen > eigen[-1] * len(eigen) * torch.finfo(eigen.dtype).eps, eigen, 0).sqrt()
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
