@@ -395,23 +395,60 @@ def similarity_matrix(
 
 
 def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor], options: dict[str, Any]):
-    """`method` of `rows[i]` and `columns[j]` as a function of `(i, j)`. Linear CKA in feature space (more rows than
-    features) centres each set and computes its own HSIC once, leaving one `[features × features]` product a pair."""
+    """`method` of `rows[i]` and `columns[j]` as a function of `(i, j)`. Linear CKA centres each set and computes its
+    own HSIC once, leaving one product a pair: of two `[features × features]`-sized factors in feature space (more
+    rows than features), else of two prepared `[n × n]` Gram matrices (at most about 1.5 times each set's own size
+    there)."""
     measure = METHODS[method]
     linear = method == "cka" and options.get("kernel", "linear") == "linear" and set(options) <= {"kernel", "debiased"}
-    if not linear or not all(_feature_space(a, b) for a in rows for b in columns):
+    if not linear:
         return lambda i, j: measure(rows[i], columns[j], **options)
     debiased = bool(options.get("debiased", False))
     if len(rows[0]) < (4 if debiased else 2):
         raise InputError(f"CKA needs at least {4 if debiased else 2} rows (samples), got {len(rows[0])}")
-    prepared = [[(c, _feature_hsic(c, c, debiased)) for c in (m - m.mean(0) for m in sets)] for sets in (rows, columns)]
-    rows_prepared, columns_prepared = prepared
+    if all(_feature_space(a, b) for a in rows for b in columns):
+        def prepare(m: torch.Tensor):
+            c = m - m.mean(0)
+            return c, _feature_hsic(c, c, debiased)
+
+        def hsic(x, y) -> float:
+            return _feature_hsic(x, y, debiased)
+    else:
+        prepare = _gram_prepared if not debiased else _unbiased_gram_prepared
+        hsic = _gram_hsic if not debiased else _unbiased_gram_hsic
+    rows_prepared = [prepare(m) for m in rows]
+    columns_prepared = rows_prepared if columns is rows else [prepare(m) for m in columns]
 
     def pair(i: int, j: int) -> float:
         (x, xx), (y, yy) = rows_prepared[i], columns_prepared[j]
-        return _ratio(_feature_hsic(x, y, debiased), xx, yy)
+        return _ratio(hsic(x, y), xx, yy)
 
     return pair
+
+
+def _gram_prepared(m: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The centred linear Gram matrix `HKH` (`xxᵀ` of the centred set) and its own biased HSIC."""
+    c = m - m.mean(0)
+    k = c @ c.T
+    return k, _gram_hsic(k, k)
+
+
+def _gram_hsic(k: torch.Tensor, l: torch.Tensor) -> float:
+    return float(torch.dot(k.flatten(), l.flatten()))
+
+
+def _unbiased_gram_prepared(m: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, int], float]:
+    """`K̃` (the centred set's linear Gram matrix, diagonal zeroed), its row sums, and its own unbiased HSIC."""
+    c = m - m.mean(0)
+    k = (c @ c.T).fill_diagonal_(0)
+    prepared = (k, k.sum(1), len(k))
+    return prepared, _unbiased_gram_hsic(prepared, prepared)
+
+
+def _unbiased_gram_hsic(a: tuple[torch.Tensor, torch.Tensor, int], b: tuple[torch.Tensor, torch.Tensor, int]) -> float:
+    (k, k1, n), (l, l1, _) = a, b
+    trace = float(torch.dot(k.flatten(), l.flatten()))
+    return _unbiased_terms(trace, float(k1.sum()), float(l1.sum()), float(k1 @ l1), n)
 
 
 def _feature_space(x: torch.Tensor, y: torch.Tensor) -> bool:
