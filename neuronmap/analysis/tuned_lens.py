@@ -234,7 +234,7 @@ def train_tuned_lens(
         optimiser.step()
         schedule.step()
         if progress:
-            bar.set_postfix(kl=f"{float(loss):.4f}")
+            bar.set_postfix(kl=f"{loss.item():.4f}")
     lens.weight, lens.bias = weight.detach(), bias.detach()
     lens.training = {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed, "tokens": rows.count,
                      "data": rows.description, "optimizer": "Adam, linear decay to 0",
