@@ -56,6 +56,16 @@ def test_a_paired_measure_such_as_cka_gets_an_interval():
     assert estimate.low <= estimate.high and 0 < estimate.low < 1
 
 
+def test_a_trace_and_hook_pair_is_resampled_by_its_rows():
+    model = nm.load("induction-2l")
+    tokens = torch.randint(0, model.module.config.vocab_size, (3, 10), generator=torch.Generator().manual_seed(0))
+    hook = "blocks.0.hook_resid_post"
+    trace = model.run(tokens, capture=hook)
+    rows = trace[hook].reshape(30, -1).double()
+    estimate = bootstrap(lambda a, t: float((a[:, 0] - t).abs().max()), (trace, hook), rows[:, 0], n_resamples=20)
+    assert estimate.high == 0.0  # the trace's rows and the tensor's are resampled together
+
+
 def test_bca_matches_scipys_bca_interval():
     x = np.random.default_rng(1).lognormal(size=150)  # skewed: BCa and percentile differ
     ours = bootstrap(np.mean, x, n_resamples=4000, interval="bca")

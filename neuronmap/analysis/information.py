@@ -60,7 +60,8 @@ def mutual_information(
 ) -> InformationResult:
     """The mutual information (bits) between each neuron's activation and a discrete label of each row.
 
-    `labels`: one class (int, str, bool) per row of `as_matrix(source, hook)`, at least two classes.
+    `labels`: one class (int, str, bool) per row of `as_matrix(source, hook)` (a store is read whole), at least two
+    classes.
     `method="binned"`: the plug-in estimate on `bins` equal-width bins per neuron (see the module doc), biased
     upwards by about `(bins - 1)(classes - 1) / (2 n ln 2)` bits; `"knn"`: scikit-learn's `mutual_info_classif`
     with `k` neighbours (Ross 2014), nats converted to bits. With `permutations > 0`, each neuron's p-value is the

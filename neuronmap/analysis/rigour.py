@@ -84,6 +84,10 @@ def bootstrap(
     `"bca"` corrects them for bias and skew (Efron 1987), with the acceleration from a leave-one-row-out jackknife
     (n more calls). The same `seed` gives the same interval. Resampling repeats rows, which biases measures that
     count distinct inputs (CKA grows with duplicates); prefer their debiased forms.
+
+    Every scalar the analyses report gets its interval this way, e.g. `bootstrap(nm.analysis.cka, x, y)`,
+    `bootstrap(lambda a: neuron_statistics(a).std[7], acts)` or `bootstrap(lambda a, y: mutual_information(a, y).mi[3],
+    acts, labels)`.
     """
     if interval not in INTERVALS:
         raise InputError(f"unknown interval {interval!r}: choose one of {', '.join(map(repr, INTERVALS))}")
