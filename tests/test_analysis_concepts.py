@@ -104,7 +104,7 @@ def test_tcav_flags_the_ioi_structure_and_not_random_text(model):
     repeated as the subject, ending where the indirect object is due); random texts: the zoo's other templated
     sentences over the same names, places and objects without that structure. At layer 0's output on the last token
     the concept direction is what layer 0 writes there in IOI contexts (the card: heads L0H1 and L0H2 bring both
-    names to the final position), and moving along it raises IO − S for most prompts (score ≈ 0.68 against ≈ 0.5
+    names to the final position), and moving along it raises IO − S for most prompts (score ≈ 0.7 against ≈ 0.5
     for random CAVs). Three 'concepts' that are just more random sentences are not significant at α = 0.05
     after Bonferroni over the four concepts (for this seed: random concepts with a fixed set can be consistently
     off 0.5, a known weakness of TCAV's test)."""
