@@ -157,7 +157,8 @@ class InformationResult(Renders):
             rows.append(row)
         caption = f"most informative neurons (H(labels) = {self.label_entropy:.3g} bits)"
         if self.permutations:
-            caption += f"; p from {self.permutations:,} label permutations"
+            caption += (f"; p from {self.permutations:,} label permutations (the smallest possible p is "
+                        f"{1 / (1 + self.permutations):.3g})")
         return (f'<div class="nm-information"><div style="font-weight:600">{escape(repr(self))}</div>'
                 + html_table(caption, headers, rows, numeric=tuple(range(len(headers))))
                 + histogram_svg(*self._histogram(), title="MI per neuron", x_label="bits",

@@ -83,7 +83,8 @@ def bootstrap(
     `as_matrix`); `measure` returns a number. `interval="percentile"` takes the resampled values' quantiles;
     `"bca"` corrects them for bias and skew (Efron 1987), with the acceleration from a leave-one-row-out jackknife
     (n more calls). The same `seed` gives the same interval. Resampling repeats rows, which biases measures that
-    count distinct inputs (CKA grows with duplicates); prefer their debiased forms.
+    count distinct inputs (CKA and binned MI grow, effective rank shrinks with duplicates): prefer debiased forms,
+    or `"bca"`, which corrects for the median bias.
 
     Every scalar the analyses report gets its interval this way, e.g. `bootstrap(nm.analysis.cka, x, y)`,
     `bootstrap(lambda a: neuron_statistics(a).std[7], acts)` or `bootstrap(lambda a, y: mutual_information(a, y).mi[3],
