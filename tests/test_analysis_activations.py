@@ -28,6 +28,7 @@ def test_tensors_arrays_and_stores_give_their_rows(model, tmp_path):
     x = torch.randn(3, 4, 5)
     assert torch.equal(as_matrix(x), x.reshape(12, 5).double())
     assert torch.equal(as_matrix(x.numpy()), x.reshape(12, 5).double())
+    assert torch.equal(as_matrix(x.numpy()[:, :, ::-1]), x.flip(-1).reshape(12, 5).double())  # a negative stride
     store = nm.extract(model, ["a b c", "d e"], HOOK, tmp_path / "s.h5", progress=False, dtype=torch.float32)
     assert torch.equal(as_matrix(store), store[HOOK][:].double())
     assert torch.equal(as_matrix(store[HOOK]), store[HOOK][:].double())

@@ -43,7 +43,7 @@ def as_matrix(source: Any, hook: str | None = None, *, dtype: torch.dtype = torc
             values = values.flatten(0, min(1, values.dim() - 1)) if values.dim() > 1 else values[:, None]
         matrix = values.flatten(1)
     elif isinstance(source, (torch.Tensor, np.ndarray)):
-        matrix = torch.as_tensor(source)
+        matrix = torch.as_tensor(np.ascontiguousarray(source) if isinstance(source, np.ndarray) else source)
         if matrix.dim() == 0:
             raise InputError("activations must have a features dimension, got a scalar")
         matrix = matrix[:, None] if matrix.dim() == 1 else matrix.flatten(0, -2)
