@@ -10,7 +10,7 @@ The tutorials are student copies; `solve` (or `python -m neuronmap.course solve 
 solved copy from the solution file beside them.
 """
 
-from . import ch01, ch02, ch03, ch04, ch05
+from . import ch01, ch02, ch03, ch04, ch05, ch06
 from .solutions import SolutionError, solve
 
-__all__ = ["SolutionError", "ch01", "ch02", "ch03", "ch04", "ch05", "solve"]
+__all__ = ["SolutionError", "ch01", "ch02", "ch03", "ch04", "ch05", "ch06", "solve"]
