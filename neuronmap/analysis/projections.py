@@ -43,20 +43,20 @@ def pca(source: Any, hook: str | None = None, *, n_components: int = 2, labels: 
         mean = matrix.mean(0)
         centred = matrix - mean
         if d <= n:
-            eigenvalues, eigenvectors = _spectrum((centred.T @ centred) / (n - 1))
+            eigenvalues, top = _spectrum((centred.T @ centred) / (n - 1), n_components)
         else:  # fewer rows than features: the thin SVD of the rows is smaller than the covariance
             _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
-            eigenvalues, eigenvectors = singular**2 / (n - 1), vt.T
-        components = _flipped(eigenvectors[:, :n_components].T.contiguous())
+            eigenvalues, top = singular**2 / (n - 1), vt[:n_components]
+        components = _flipped(top)
         coordinates = centred @ components.T
     else:
         n, d = len(view), _features(view)
         _check_components(n_components, n, d)
         labels = _checked_labels(labels, n)
         mean, covariance = _streamed_covariance(view, batch_size)
-        eigenvalues, eigenvectors = _spectrum(covariance)
-        components = _flipped(eigenvectors[:, :n_components].T.contiguous())
-        coordinates = torch.cat([block.sub_(mean) @ components.T for block in _blocks(view, batch_size)])
+        eigenvalues, top = _spectrum(covariance, n_components)
+        components = _flipped(top)
+        coordinates = torch.cat([block @ components.T for block in _blocks(view, batch_size)]) - mean @ components.T
     return Projection(
         coordinates, "PCA", labels=labels, hover=token_contexts(source, hook), components=components, mean=mean,
         eigenvalues=eigenvalues.clamp(min=0)[: min(n, d)],
@@ -75,16 +75,16 @@ def effective_dimensionality(source: Any, hook: str | None = None, *, batch_size
             raise InputError(f"effective dimensionality needs at least 2 rows (samples), got {len(matrix)}")
         centred = matrix - matrix.mean(0)
         if matrix.shape[1] <= len(matrix):
-            eigenvalues = torch.linalg.eigvalsh(centred.T @ centred / (len(matrix) - 1))
+            eigenvalues = _spectrum(centred.T @ centred / (len(matrix) - 1), 0)[0]
         else:
             eigenvalues = torch.linalg.svdvals(centred) ** 2 / (len(matrix) - 1)
         rows, features = matrix.shape
     else:
         if len(view) < 2:
             raise InputError(f"effective dimensionality needs at least 2 rows (samples), got {len(view)}")
-        eigenvalues = torch.linalg.eigvalsh(_streamed_covariance(view, batch_size)[1])
+        eigenvalues = _spectrum(_streamed_covariance(view, batch_size)[1], 0)[0]
         rows, features = len(view), _features(view)
-    spectrum = eigenvalues.clamp(min=0).sort(descending=True).values
+    spectrum = eigenvalues.clamp(min=0)
     return {"participation_ratio": participation_ratio(spectrum), "dims_95": dimensions_for(spectrum, 0.95),
             "dims_99": dimensions_for(spectrum, 0.99), "rows": rows, "features": features}
 
@@ -150,37 +150,59 @@ def _store_view(source: Any, hook: str | None) -> Any:
 
 def _streamed_covariance(view: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean and the (n - 1)-normalised covariance of every row of `view`, accumulated block by block in float64
-    around the first block's mean (a shift that keeps the sums from cancelling when the mean is large)."""
+    around the first block's mean (a shift that keeps the sums from cancelling when the mean is large). Only the
+    panels of `XᵀX` on and above the diagonal are multiplied (5/8 of the work for 4 panels), then mirrored."""
     n, d = len(view), _features(view)
     shift = None
     total = torch.zeros(d, dtype=torch.float64)
     scatter = torch.zeros(d, d, dtype=torch.float64)
-    for block in _blocks(view, batch_size):
+    ones = torch.ones(min(batch_size, n), dtype=torch.float64)
+    edges = np.linspace(0, d, min(8, max(1, d // 192)) + 1).astype(int).tolist()  # column panels of ~200 features
+    for index, block in enumerate(_blocks(view, batch_size)):
+        sums = torch.mv(block.T, ones[: len(block)])  # BLAS: several times faster than block.sum(0)
+        if not bool(torch.isfinite(sums).all()):  # NaN or inf anywhere in the block reaches its column sums
+            bad = int((~torch.isfinite(block)).sum())
+            raise InputError(f"{view.hook!r} holds {bad:,} NaN or infinite values in the block of rows from "
+                             f"{index * batch_size:,}; analyses need finite numbers")
         if shift is None:
-            shift = block.mean(0)
+            shift = sums / len(block)
         block -= shift
-        total += block.sum(0)
-        scatter.addmm_(block.T, block)
+        total += sums - len(block) * shift
+        for a, b in zip(edges[:-1], edges[1:]):  # the panels on and above the diagonal: BᵀB is symmetric
+            scatter[a:b, a:].addmm_(block[:, a:b].T, block[:, a:])
+    scatter = scatter.triu() + scatter.triu(1).T
     offset = total / n
-    covariance = (scatter - n * torch.outer(offset, offset)) / (n - 1)
-    return shift + offset, (covariance + covariance.T) / 2
+    return shift + offset, (scatter - n * torch.outer(offset, offset)) / (n - 1)
 
 
 def _blocks(view: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive float64 blocks of `batch_size` rows of a store's hook view, each read from disk in one go."""
-    for start in range(0, len(view), batch_size):
-        block = view.to_torch(view.read(start, min(start + batch_size, len(view)))).flatten(1).to(torch.float64)
-        bad = int((~torch.isfinite(block)).sum())
-        if bad:
-            raise InputError(f"{view.hook!r} holds {bad:,} NaN or infinite values in rows {start:,} to "
-                             f"{start + len(block):,}; analyses need finite numbers")
+    """Consecutive float64 blocks of `batch_size` rows of a store's hook view, each read from disk in one go into
+    one reused buffer (so memory holds one block; each block is valid until the next is read)."""
+    n = len(view)
+    buffer = torch.empty(min(batch_size, n), _features(view), dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        array = view.read(start, min(start + batch_size, n))
+        block = buffer[: len(array)]
+        if array.dtype.kind == "f":  # numpy widens float16 several times faster than torch does
+            np.copyto(block.numpy(), array.reshape(len(array), -1))
+        else:  # bfloat16, stored as its bits
+            block.copy_(view.to_torch(array).flatten(1))
         yield block
 
 
-def _spectrum(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending) and eigenvectors (columns, same order) of a symmetric matrix."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
-    return eigenvalues.flip(0), eigenvectors.flip(1)
+def _spectrum(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every eigenvalue (descending) of a symmetric matrix and the eigenvectors of the top `k` (rows, same order).
+    scipy's LAPACK drivers, asked for the values alone and for only `k` vectors, are several times faster here
+    than a full `torch.linalg.eigh`."""
+    from scipy.linalg import eigh
+
+    matrix = covariance.numpy()
+    values = torch.from_numpy(eigh(matrix, eigvals_only=True)).flip(0)
+    if k == 0:
+        return values, covariance.new_empty(0, len(matrix))
+    d = len(matrix)
+    _, vectors = eigh(matrix, subset_by_index=[d - k, d - 1])
+    return values, torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1].T))
 
 
 def _flipped(components: torch.Tensor) -> torch.Tensor:
