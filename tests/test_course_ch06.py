@@ -72,6 +72,9 @@ def test_linear_cka_hints_on_the_usual_mistakes(capsys):
 def test_probe_reference_agrees_with_probe_by_layer(model, texts):
     accuracy, baseline = ch06._probe_accuracies(model, texts, ioi.NAMES)
     trace = model.run(texts, capture=list(ch06.PROBE_HOOKS))
+    points, _, _ = ch06._residual_points(model, texts)
+    for hook in ch06.PROBE_HOOKS:  # the plain hooks read the same residual stream as NeuronMap's hook points
+        assert torch.allclose(points[hook], nm.analysis.as_matrix(trace, hook, dtype=torch.float32), atol=1e-5)
     real = trace.attention_mask.bool()
     ids = trace.tokens[real]
     is_name = torch.isin(ids, torch.tensor(model.tokenizer.convert_tokens_to_ids(ioi.NAMES)))
@@ -106,10 +109,11 @@ def test_first_readable_accepts_the_first_point_and_hints_otherwise(model, texts
 
 def test_lens_reference_is_the_model_output_at_the_last_block_and_nm_logit_lens_before(model, prompt, capsys):
     hf = model.module
-    tokens = model.tokenizer(prompt["prompt"], return_tensors="pt")["input_ids"]
-    with torch.no_grad(), ch06._block_outputs(hf) as outputs:
-        logits = hf(input_ids=tokens, use_cache=False).logits[0]
-        lensed = [hf.lm_head(hf.transformer.ln_f(resid[0])) for resid in outputs]
+    encoded = model.tokenizer(prompt["prompt"], return_tensors="pt")
+    outputs = ch06._inputs_of(hf, ch06._block_output_readers(hf), **encoded)
+    with torch.no_grad():
+        logits = hf(**encoded).logits[0]
+        lensed = [hf.lm_head(hf.transformer.ln_f(resid[0])) for resid in outputs.values()]
     assert torch.allclose(lensed[-1], logits, atol=1e-5)
     lens = nm.analysis.logit_lens(model, prompt["prompt"])
     for layer, reading in enumerate(lensed):

@@ -6,8 +6,9 @@ through `nm.analysis`, which is what the tutorial teaches:
 * linear CKA from the centred Gram matrices of the samples, HSIC(K, L) / √(HSIC(K, K) HSIC(L, L)), where the
   tutorial's own route is feature space;
 * where a property becomes linearly readable: a logistic probe (standardised features, 5 stratified folds) at every
-  point of the residual stream, captured with forward hooks on the blocks (`hook_resid_mid` is the input of `ln_2`);
-* the logit lens: `transformer.ln_f` and `lm_head` applied to a block's output;
+  point of the residual stream, each read as the input of the module after it (`hook_resid_pre` of block 0 is that
+  block's input, `hook_resid_mid` the input of its `ln_2`, `hook_resid_post` the input of the next block or `ln_f`);
+* the logit lens: `transformer.ln_f` and `lm_head` applied to the output of each block;
 * a head's direct effect on a logit difference: its slice of the input of `attn.c_proj` times its rows of
   `c_proj.weight`, centred and divided by the final LayerNorm's scale in the clean run (from the input of `ln_f`),
   times `ln_f.weight`, dotted with the difference of two rows of `lm_head.weight`.
@@ -15,8 +16,7 @@ through `nm.analysis`, which is what the tutorial teaches:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,10 +118,9 @@ def check_lens(answer: Callable[[torch.Tensor], Any], model: Any, text: str, *, 
     if not callable(answer):
         return failed(f"the answer should be the function lens(resid); got a {type(answer).__name__}", solution, reveal)
     hf = module_of(model)
-    tokens = model.tokenizer(text, return_tensors="pt")["input_ids"]
-    with torch.no_grad(), _block_outputs(hf) as outputs:
-        hf(input_ids=tokens, use_cache=False)
-        for layer, resid in enumerate(outputs):
+    outputs = _inputs_of(hf, _block_output_readers(hf), **model.tokenizer(text, return_tensors="pt"))
+    with torch.no_grad():
+        for layer, resid in enumerate(outputs.values()):
             resid = resid[0]
             expected = hf.lm_head(hf.transformer.ln_f(resid)).log_softmax(-1)
             got = answer(resid.clone())
@@ -193,46 +192,35 @@ def _gram_cka(x: torch.Tensor, y: torch.Tensor, *, centre: bool = True) -> float
     return float((k * l).sum() / torch.sqrt((k * k).sum() * (l * l).sum()))
 
 
-@contextlib.contextmanager
-def _block_outputs(hf: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the output hidden state of every GPT-2 block (the residual stream after it) during a forward."""
-    seen: list[torch.Tensor] = []
-
-    def hook(module, args, output):
-        seen.append((output[0] if isinstance(output, tuple) else output).detach())
-
-    handles = [block.register_forward_hook(hook) for block in hf.transformer.h]
+def _inputs_of(hf: torch.nn.Module, modules: dict[str, torch.nn.Module], **inputs: Any) -> dict[str, torch.Tensor]:
+    """The first input of each of `modules` in a forward of `hf` on `inputs`, by name (hooks removed even on error)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, args[0].detach()))
+               for name, module in modules.items()]
     try:
-        yield seen
+        with torch.no_grad():
+            hf(**inputs, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
+    return {name: seen[name] for name in modules}
+
+
+def _block_output_readers(hf: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The module whose input is each block's output (the residual stream after it): the next block, or `ln_f`."""
+    blocks = list(hf.transformer.h)
+    return {f"blocks.{layer}.hook_resid_post": (blocks[layer + 1] if layer + 1 < len(blocks) else hf.transformer.ln_f)
+            for layer in range(len(blocks))}
 
 
 def _residual_points(model: Any, texts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Every point of `PROBE_HOOKS` for `texts` as `[real tokens, d_model]` (block inputs, `ln_2` inputs, block
-    outputs), with the token ids `[batch, pos]` and which of them are real (not padding)."""
+    """Every point of `PROBE_HOOKS` for `texts` as `[real tokens, d_model]`, read as the input of the module after it
+    (a block, its `ln_2`, or `ln_f`), with the token ids `[batch, pos]` and which of them are real (not padding)."""
     hf = module_of(model)
     encoded = model.tokenizer(list(texts), return_tensors="pt", padding=True)
-    points: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def keep(name: str, value: Any) -> None:
-        points[name] = (value[0] if isinstance(value, tuple) else value).detach()
-
-    for layer, block in enumerate(hf.transformer.h):
-        if layer == 0:
-            handles.append(block.register_forward_pre_hook(lambda m, args: keep("blocks.0.hook_resid_pre", args[0])))
-        handles.append(block.ln_2.register_forward_pre_hook(
-            lambda m, args, layer=layer: keep(f"blocks.{layer}.hook_resid_mid", args[0])))
-        handles.append(block.register_forward_hook(
-            lambda m, args, output, layer=layer: keep(f"blocks.{layer}.hook_resid_post", output)))
-    try:
-        with torch.no_grad():
-            hf(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    readers = {"blocks.0.hook_resid_pre": hf.transformer.h[0], **_block_output_readers(hf)}
+    readers.update({f"blocks.{layer}.hook_resid_mid": block.ln_2 for layer, block in enumerate(hf.transformer.h)})
+    points = _inputs_of(hf, readers, input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
     real = encoded["attention_mask"].bool()
     return {name: points[name][real] for name in PROBE_HOOKS}, encoded["input_ids"], real
 
@@ -269,19 +257,9 @@ def _head_effect_parts(model: Any, prompt: dict, layer: int, head: int) -> dict[
     """The head's direct effect, and the effects a usual mistake gives instead (no centring, no scale, no weight,
     with the output bias), in float64."""
     hf = module_of(model)
-    tokens = model.tokenizer(prompt["prompt"], return_tensors="pt")["input_ids"]
     attn = hf.transformer.h[layer].attn
-    seen: dict[str, torch.Tensor] = {}
-    handles = [
-        attn.c_proj.register_forward_pre_hook(lambda m, args: seen.__setitem__("z", args[0].detach())),
-        hf.transformer.ln_f.register_forward_pre_hook(lambda m, args: seen.__setitem__("final", args[0].detach())),
-    ]
-    try:
-        with torch.no_grad():
-            hf(input_ids=tokens, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    seen = _inputs_of(hf, {"z": attn.c_proj, "final": hf.transformer.ln_f},
+                      **model.tokenizer(prompt["prompt"], return_tensors="pt"))
     d_head = hf.config.n_embd // hf.config.n_head
     columns = slice(head * d_head, (head + 1) * d_head)
     written = seen["z"][0, -1, columns].double() @ attn.c_proj.weight.detach()[columns].double()  # Conv1D: [in, out]
