@@ -118,18 +118,23 @@ def _feature_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
     return _ratio(_feature_hsic(x, y, debiased), _feature_hsic(x, x, debiased), _feature_hsic(y, y, debiased))
 
 
-def _feature_hsic(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
+def _feature_hsic(x: torch.Tensor, y: torch.Tensor, debiased: bool, x_terms: tuple | None = None,
+                  y_terms: tuple | None = None) -> float:
     """HSIC of the linear kernels `xxᵀ`, `yyᵀ` of centred `x`, `y` (up to a factor common to a CKA ratio), without
-    forming them; the unbiased estimator's diagonal and row-sum terms come from the rows' norms and sums."""
+    forming them; the unbiased estimator's diagonal and row-sum terms come from the rows' norms and sums
+    (`_row_terms`, passed in when already known)."""
     cross = float((y.T @ x).square().sum())  # <K, L>_F
     if not debiased:
         return cross
-    n = x.shape[0]
-    kd, ld = x.square().sum(1), y.square().sum(1)  # diag(K), diag(L)
-    k1 = x @ x.sum(0) - kd  # K̃1 (K with its diagonal zeroed)
-    l1 = y @ y.sum(0) - ld
+    (kd, k1), (ld, l1) = x_terms or _row_terms(x), y_terms or _row_terms(y)
     trace = cross - float(kd @ ld)
-    return _unbiased_terms(trace, float(k1.sum()), float(l1.sum()), float(k1 @ l1), n)
+    return _unbiased_terms(trace, float(k1.sum()), float(l1.sum()), float(k1 @ l1), x.shape[0])
+
+
+def _row_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`diag(K)` and `K̃1` (the row sums of `K = xxᵀ` with its diagonal zeroed) of a centred `x`."""
+    kd = x.square().sum(1)
+    return kd, x @ x.sum(0) - kd
 
 
 def _biased_hsic(k: torch.Tensor, l: torch.Tensor) -> float:
@@ -409,10 +414,11 @@ def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor]
     if all(_feature_space(a, b) for a in rows for b in columns):
         def prepare(m: torch.Tensor):
             c = m - m.mean(0)
-            return c, _feature_hsic(c, c, debiased)
+            terms = _row_terms(c) if debiased else None
+            return (c, terms), _feature_hsic(c, c, debiased, terms, terms)
 
         def hsic(x, y) -> float:
-            return _feature_hsic(x, y, debiased)
+            return _feature_hsic(x[0], y[0], debiased, x[1], y[1])
     else:
         prepare = _gram_prepared if not debiased else _unbiased_gram_prepared
         hsic = _gram_hsic if not debiased else _unbiased_gram_hsic
