@@ -170,8 +170,8 @@ def check_head_effect(answer: Any, model: Any, prompt: dict, layer: int, head: i
         ("unscaled", "close: divide by the final LayerNorm's scale in the clean run, ln_final.hook_scale at the last "
                      "token"),
         ("unweighted", "close: after dividing by the scale, multiply by the final LayerNorm's weight"),
-        ("with_bias", "close: the head's term leaves out the attention output bias b_O, shared by all heads and counted "
-                      "separately"),
+        ("with_bias", "close: the head's term leaves out the attention output bias b_O, shared by all heads and "
+                      "counted separately"),
     ):
         if _close(value, parts[variant]):
             return failed(hint, solution, reveal)
