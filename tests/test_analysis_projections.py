@@ -29,12 +29,15 @@ def _planted(spectrum: np.ndarray, n: int = 400, seed: int = 1) -> np.ndarray:
     return (u * np.sqrt(spectrum * (n - 1))) @ rotation.T + 3.0
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def _extract(path, dtype):
     model = nm.load("induction-2l")
     tokens = torch.randint(0, model.module.config.vocab_size, (12, 16), generator=torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("store") / "s.h5"
-    return nm.extract(model, tokens, "blocks.1.hook_resid_post", path, dtype=torch.float32, progress=False)
+    return nm.extract(model, tokens, "blocks.1.hook_resid_post", path, dtype=dtype, progress=False)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return _extract(tmp_path_factory.mktemp("store") / "s.h5", torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(300, 12), (15, 40)])  # more rows than features (covariance), fewer (SVD)
@@ -70,6 +73,32 @@ def test_pca_streams_a_store_like_the_matrix_in_memory(store, batch_size):
     dims = effective_dimensionality(store, hook, batch_size=batch_size)
     assert dims["participation_ratio"] == pytest.approx(in_memory.participation_ratio, rel=1e-9)
     assert (dims["dims_95"], dims["dims_99"]) == (in_memory.dimensions_for(0.95), in_memory.dimensions_for(0.99))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pca_streams_half_precision_stores(tmp_path, dtype):
+    hook = "blocks.1.hook_resid_post"
+    half = _extract(tmp_path / "h.h5", dtype)
+    in_memory = pca(half[hook][:].double().numpy(), n_components=2)
+    streamed = pca(half, hook, n_components=2, batch_size=50)
+    np.testing.assert_allclose(streamed.coordinates.numpy(), in_memory.coordinates.numpy(), atol=1e-8)
+    np.testing.assert_allclose(streamed.explained_variance_ratio.numpy(), in_memory.explained_variance_ratio.numpy(),
+                               atol=1e-12)
+
+
+def test_a_store_view_with_nan_is_refused_naming_the_count(tmp_path):
+    import h5py
+
+    from neuronmap.store.reader import HookView
+
+    values = _data(100, 4).astype(np.float32)
+    values[[61, 70], 2] = np.nan
+    with h5py.File(tmp_path / "nan.h5", "w") as file:
+        view = HookView(file.create_dataset("x", data=values), 100, "x")
+        with pytest.raises(nm.InputError, match="'x' holds 2 NaN or infinite values in the block of rows from 50"):
+            pca(view, batch_size=50)
+        with pytest.raises(nm.InputError, match="2 NaN"):
+            effective_dimensionality(view, batch_size=50)
 
 
 def test_a_store_gives_each_row_its_token_in_context_and_escapes_it(store):

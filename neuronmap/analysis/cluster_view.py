@@ -97,11 +97,12 @@ class Clusters(Renders):
 
     def _repr_html_(self) -> str:
         parts = [f'<div style="font:600 12px system-ui,sans-serif;margin:4px 0">{escape(repr(self))}</div>']
+        tokens = any(s.top_tokens for s in self.summaries)
         rows = [["noise" if s.cluster < 0 else s.cluster, s.size,
-                 ", ".join(f"{token!r} ×{count}" for token, count in s.top_tokens),
+                 *([", ".join(f"{token!r} ×{count}" for token, count in s.top_tokens)] if tokens else []),
                  " | ".join(_cut(e) for e in s.examples)] for s in self.summaries]
-        parts.append(html_table("clusters", ["cluster", "rows", "most frequent tokens", "nearest the centre"], rows,
-                                numeric=(1,)))
+        headers = ["cluster", "rows", *(["most frequent tokens"] if tokens else []), "nearest the centre"]
+        parts.append(html_table("clusters", headers, rows, numeric=(1,)))
         parts.append(scatter_svg(self._points(), colours_by=self._names(), hover=self.hover, **self._titles()))
         if self.silhouette_by_k is not None:
             parts.append(line_chart_svg(**self._curve()))
