@@ -86,6 +86,20 @@ def test_pca_streams_half_precision_stores(tmp_path, dtype):
                                atol=1e-12)
 
 
+def test_float32_products_agree_with_float64_to_single_precision(store):
+    hook = "blocks.1.hook_resid_post"
+    exact = pca(store, hook, n_components=3)
+    scale = float(exact.coordinates.abs().max())
+    for source in (store, store[hook][:]):
+        single = pca(source, hook if source is store else None, n_components=3, batch_size=64, dtype=torch.float32)
+        assert single.coordinates.dtype == torch.float64
+        np.testing.assert_allclose(single.coordinates.numpy(), exact.coordinates.numpy(), atol=1e-4 * scale)
+        np.testing.assert_allclose(single.explained_variance_ratio.numpy(), exact.explained_variance_ratio.numpy(),
+                                   atol=1e-6)
+    with pytest.raises(nm.InputError, match="dtype must be torch.float32 or torch.float64"):
+        pca(store, hook, dtype=torch.float16)
+
+
 def test_a_store_view_with_nan_is_refused_naming_the_count(tmp_path):
     import h5py
 
@@ -160,6 +174,8 @@ def test_views_escape_labels_and_cover_the_whole_spectrum():
     curve = projection.variance_figure()
     np.testing.assert_allclose(curve.data[1].y, np.cumsum(projection.explained_variance_ratio.numpy()))
     assert projection.to_numpy().shape == (60, 2)
+    line = pca(x, n_components=1)  # one coordinate is drawn against 0
+    assert line._repr_html_().count("<circle") >= 60 and list(line.figure().data[0].y) == [0.0] * 60
 
 
 def test_bad_input_is_named():

@@ -72,8 +72,7 @@ class Projection(Renders):
 
     def figure(self) -> Any:
         """A plotly scatter of the first 2 or 3 coordinates (3D when there are 3), coloured by `.labels`."""
-        return scatter_figure(self.coordinates[:, : min(3, self.coordinates.shape[1])].numpy(),
-                              colours_by=self._colours(), hover=self.hover, **self._titles(),
+        return scatter_figure(self._points(3), colours_by=self._colours(), hover=self.hover, **self._titles(),
                               z_label=self._axis(2))
 
     def variance_figure(self) -> Any:
@@ -82,9 +81,7 @@ class Projection(Renders):
 
     def _repr_html_(self) -> str:
         parts = [f'<div style="font:600 12px system-ui,sans-serif;margin:4px 0">{escape(repr(self))}</div>']
-        if self.coordinates.shape[1] >= 2:
-            parts.append(scatter_svg(self.coordinates[:, :2].numpy(), colours_by=self._colours(), hover=self.hover,
-                                     **self._titles()))
+        parts.append(scatter_svg(self._points(2), colours_by=self._colours(), hover=self.hover, **self._titles()))
         if self.eigenvalues is not None:
             parts.append(line_chart_svg(**self._curve()))
             ratio = self.explained_variance_ratio
@@ -106,6 +103,11 @@ class Projection(Renders):
                 "series": {"each": ratio.tolist(), "cumulative": cumulative.tolist()},
                 "marks": {"95%": 0.95, "99%": 0.99}, "title": f"explained variance by component{more}",
                 "x_label": "component", "y_label": "fraction of variance"}
+
+    def _points(self, most: int) -> np.ndarray:
+        """Up to `most` leading coordinates; one coordinate is drawn against 0."""
+        points = self.coordinates[:, :most].numpy()
+        return points if points.shape[1] >= 2 else np.column_stack([points[:, 0], np.zeros(len(points))])
 
     def _titles(self) -> dict[str, str]:
         rows = len(self.coordinates)

@@ -4,8 +4,8 @@ effective dimensionality of a layer (participation ratio, components for 95% / 9
 PCA on a store reads it twice, block by block: once to accumulate the mean and the `[features × features]` scatter
 matrix in float64 (memory independent of the number of rows), once to project every row on the top components, so
 the result equals PCA of the whole matrix in memory. t-SNE (scikit-learn) and UMAP (umap-learn, the `umap` extra) read
-the matrix whole. Written here: the streamed covariance and projection; scikit-learn does t-SNE and torch the
-eigendecomposition.
+the matrix whole. Written here: the streamed covariance (only the panels of `XᵀX` on and above the diagonal) and
+projection, and the effective dimensionality; scipy's LAPACK drivers do the eigendecomposition, scikit-learn t-SNE.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["Projection", "dimensions_for", "effective_dimensionality", "particip
 
 
 def pca(source: Any, hook: str | None = None, *, n_components: int = 2, labels: Sequence[Any] | None = None,
-        batch_size: int = 4096) -> Projection:
+        batch_size: int = 4096, dtype: torch.dtype = torch.float64) -> Projection:
     """Principal components of the rows of `source` (see `as_matrix`), and every row's coordinates on the top
     `n_components`.
 
@@ -32,57 +32,64 @@ def pca(source: Any, hook: str | None = None, *, n_components: int = 2, labels: 
     passes, so memory holds one block and the `[features × features]` covariance whatever the number of rows.
     `labels` (one per row) colour the scatter. The result keeps the whole spectrum (`.explained_variance_ratio` has
     one entry per dimension), so the explained-variance curve and effective dimensionality cover every dimension.
+    `dtype`: the precision the rows are multiplied in (sums and results are float64 either way); `torch.float32`
+    is about twice as fast, with relative errors near 1e-6 instead of 1e-15.
     """
     _check_int(batch_size, "batch_size", 1)
+    _check_dtype(dtype)
     view = _store_view(source, hook)
     if view is None:
-        matrix = as_matrix(source, hook)
+        matrix = as_matrix(source, hook, dtype=dtype)
         n, d = matrix.shape
         _check_components(n_components, n, d)
         labels = _checked_labels(labels, n)
         mean = matrix.mean(0)
         centred = matrix - mean
         if d <= n:
-            eigenvalues, top = _spectrum((centred.T @ centred) / (n - 1), n_components)
+            eigenvalues, top = _spectrum(((centred.T @ centred) / (n - 1)).double(), n_components)
         else:  # fewer rows than features: the thin SVD of the rows is smaller than the covariance
             _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
-            eigenvalues, top = singular**2 / (n - 1), vt[:n_components]
+            eigenvalues, top = singular.double() ** 2 / (n - 1), vt[:n_components].double()
         components = _flipped(top)
-        coordinates = centred @ components.T
+        coordinates = (centred @ components.to(dtype).T).double()
+        mean = mean.double()
     else:
         n, d = len(view), _features(view)
         _check_components(n_components, n, d)
         labels = _checked_labels(labels, n)
-        mean, covariance = _streamed_covariance(view, batch_size)
+        mean, covariance = _streamed_covariance(view, batch_size, dtype)
         eigenvalues, top = _spectrum(covariance, n_components)
         components = _flipped(top)
-        coordinates = torch.cat([block @ components.T for block in _blocks(view, batch_size)]) - mean @ components.T
+        shift, axes = mean.to(dtype), components.to(dtype).T
+        coordinates = torch.cat([block.sub_(shift) @ axes for block in _blocks(view, batch_size, dtype)]).double()
     return Projection(
         coordinates, "PCA", labels=labels, hover=token_contexts(source, hook), components=components, mean=mean,
         eigenvalues=eigenvalues.clamp(min=0)[: min(n, d)],
     )
 
 
-def effective_dimensionality(source: Any, hook: str | None = None, *, batch_size: int = 4096) -> dict[str, Any]:
+def effective_dimensionality(source: Any, hook: str | None = None, *, batch_size: int = 4096,
+                             dtype: torch.dtype = torch.float64) -> dict[str, Any]:
     """How many dimensions the rows of `source` really use: the participation ratio `(Σλ)² / Σλ²` of the covariance
     eigenvalues λ, and the number of principal components that explain 95% and 99% of the variance. A store is
-    streamed (one pass)."""
+    streamed (one pass); `dtype` as for `pca`."""
     _check_int(batch_size, "batch_size", 1)
+    _check_dtype(dtype)
     view = _store_view(source, hook)
     if view is None:
-        matrix = as_matrix(source, hook)
+        matrix = as_matrix(source, hook, dtype=dtype)
         if len(matrix) < 2:
             raise InputError(f"effective dimensionality needs at least 2 rows (samples), got {len(matrix)}")
         centred = matrix - matrix.mean(0)
         if matrix.shape[1] <= len(matrix):
-            eigenvalues = _spectrum(centred.T @ centred / (len(matrix) - 1), 0)[0]
+            eigenvalues = _spectrum((centred.T @ centred / (len(matrix) - 1)).double(), 0)[0]
         else:
-            eigenvalues = torch.linalg.svdvals(centred) ** 2 / (len(matrix) - 1)
+            eigenvalues = torch.linalg.svdvals(centred).double() ** 2 / (len(matrix) - 1)
         rows, features = matrix.shape
     else:
         if len(view) < 2:
             raise InputError(f"effective dimensionality needs at least 2 rows (samples), got {len(view)}")
-        eigenvalues = _spectrum(_streamed_covariance(view, batch_size)[1], 0)[0]
+        eigenvalues = _spectrum(_streamed_covariance(view, batch_size, dtype)[1], 0)[0]
         rows, features = len(view), _features(view)
     spectrum = eigenvalues.clamp(min=0)
     return {"participation_ratio": participation_ratio(spectrum), "dims_95": dimensions_for(spectrum, 0.95),
@@ -148,17 +155,18 @@ def _store_view(source: Any, hook: str | None) -> Any:
     return None
 
 
-def _streamed_covariance(view: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and the (n - 1)-normalised covariance of every row of `view`, accumulated block by block in float64
-    around the first block's mean (a shift that keeps the sums from cancelling when the mean is large). Only the
-    panels of `XᵀX` on and above the diagonal are multiplied (5/8 of the work for 4 panels), then mirrored."""
+def _streamed_covariance(view: Any, batch_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and the (n - 1)-normalised covariance (float64) of every row of `view`: each block, shifted by the
+    first block's mean (which keeps the sums from cancelling when the mean is large), is multiplied in `dtype` and
+    summed into float64. Only the panels of `BᵀB` on and above the diagonal are multiplied (5/8 of the work for 4
+    panels), then mirrored."""
     n, d = len(view), _features(view)
     shift = None
     total = torch.zeros(d, dtype=torch.float64)
     scatter = torch.zeros(d, d, dtype=torch.float64)
-    ones = torch.ones(min(batch_size, n), dtype=torch.float64)
+    ones = torch.ones(min(batch_size, n), dtype=dtype)
     edges = np.linspace(0, d, min(8, max(1, d // 192)) + 1).astype(int).tolist()  # column panels of ~200 features
-    for index, block in enumerate(_blocks(view, batch_size)):
+    for index, block in enumerate(_blocks(view, batch_size, dtype)):
         sums = torch.mv(block.T, ones[: len(block)])  # BLAS: several times faster than block.sum(0)
         if not bool(torch.isfinite(sums).all()):  # NaN or inf anywhere in the block reaches its column sums
             bad = int((~torch.isfinite(block)).sum())
@@ -167,19 +175,19 @@ def _streamed_covariance(view: Any, batch_size: int) -> tuple[torch.Tensor, torc
         if shift is None:
             shift = sums / len(block)
         block -= shift
-        total += sums - len(block) * shift
+        total += torch.mv(block.T, ones[: len(block)])
         for a, b in zip(edges[:-1], edges[1:]):  # the panels on and above the diagonal: BᵀB is symmetric
-            scatter[a:b, a:].addmm_(block[:, a:b].T, block[:, a:])
+            scatter[a:b, a:] += block[:, a:b].T @ block[:, a:]
     scatter = scatter.triu() + scatter.triu(1).T
     offset = total / n
-    return shift + offset, (scatter - n * torch.outer(offset, offset)) / (n - 1)
+    return shift.double() + offset, (scatter - n * torch.outer(offset, offset)) / (n - 1)
 
 
-def _blocks(view: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive float64 blocks of `batch_size` rows of a store's hook view, each read from disk in one go into
+def _blocks(view: Any, batch_size: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Consecutive blocks of `batch_size` rows of a store's hook view as `dtype`, each read from disk in one go into
     one reused buffer (so memory holds one block; each block is valid until the next is read)."""
     n = len(view)
-    buffer = torch.empty(min(batch_size, n), _features(view), dtype=torch.float64)
+    buffer = torch.empty(min(batch_size, n), _features(view), dtype=dtype)
     for start in range(0, n, batch_size):
         array = view.read(start, min(start + batch_size, n))
         block = buffer[: len(array)]
@@ -211,6 +219,11 @@ def _flipped(components: torch.Tensor) -> torch.Tensor:
     largest = components.abs().argmax(1)
     signs = torch.sign(components[torch.arange(len(components)), largest])
     return components * torch.where(signs == 0, 1.0, signs).to(components.dtype)[:, None]
+
+
+def _check_dtype(dtype: Any) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
 
 def _features(view: Any) -> int:
