@@ -210,7 +210,7 @@ def _spectrum(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
         return values, covariance.new_empty(0, len(matrix))
     d = len(matrix)
     _, vectors = eigh(matrix, subset_by_index=[d - k, d - 1])
-    return values, torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1].T))
+    return values, torch.from_numpy(vectors[:, ::-1].T.copy())
 
 
 def _flipped(components: torch.Tensor) -> torch.Tensor:
