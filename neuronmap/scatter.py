@@ -28,7 +28,8 @@ _CSS = """
 .nm-scatter .nm-sc-title{font-weight:600;margin-bottom:2px}
 .nm-scatter .nm-sc-note{color:#666}
 .nm-scatter .nm-sc-key{display:inline-block;margin-right:12px}
-.nm-scatter .nm-sc-swatch{display:inline-block;width:9px;height:9px;border-radius:50%;vertical-align:middle;margin-right:4px;border:1px solid #555}
+.nm-scatter .nm-sc-swatch{display:inline-block;width:9px;height:9px;border-radius:50%;vertical-align:middle;
+margin-right:4px;border:1px solid #555}
 """
 
 

@@ -37,7 +37,8 @@ def kmeans(source: Any, hook: str | None = None, *, k: int | None = None, k_rang
     """k-means (scikit-learn, k-means++ started `n_init` times, the best kept) of the rows of `source`.
 
     With `k=None`, every k of `k_range` (below the number of rows) is fitted and the one with the highest silhouette
-    is kept; `.silhouette_by_k` keeps the whole curve.
+    is kept (the smallest such k on a tie); `.silhouette_by_k` keeps the whole curve. `seed` fixes the starts and
+    the silhouette's row sample.
     """
     from sklearn.cluster import KMeans
 
@@ -62,7 +63,8 @@ def kmeans(source: Any, hook: str | None = None, *, k: int | None = None, k_rang
 
 def dbscan(source: Any, hook: str | None = None, *, eps: float, min_samples: int = 5, seed: int = 0) -> Clusters:
     """DBSCAN (scikit-learn, Euclidean) of the rows of `source`: clusters of rows with at least `min_samples`
-    neighbours within `eps`; rows in none are noise (label -1). The scores leave the noise out."""
+    neighbours within `eps`; rows in none are noise (label -1). The scores leave the noise out; `seed` fixes the
+    silhouette's row sample when there are more than `SILHOUETTE_ROWS` rows."""
     from sklearn.cluster import DBSCAN
 
     x = _matrix(source, hook)
@@ -75,7 +77,8 @@ def dbscan(source: Any, hook: str | None = None, *, eps: float, min_samples: int
 
 def agglomerative(source: Any, hook: str | None = None, *, k: int, linkage: str = "ward", seed: int = 0) -> Clusters:
     """Hierarchical clustering (scipy's `linkage`, Euclidean) of the rows of `source`, cut into at most `k` clusters
-    (`fcluster(..., criterion="maxclust")`); `.linkage` keeps the merge tree the dendrogram draws."""
+    (`fcluster(..., criterion="maxclust")`); `.linkage` keeps the merge tree the dendrogram draws. `seed` fixes the
+    silhouette's row sample when there are more than `SILHOUETTE_ROWS` rows."""
     from scipy.cluster.hierarchy import fcluster
     from scipy.cluster.hierarchy import linkage as merge_tree
 

@@ -70,9 +70,9 @@ def pca(source: Any, hook: str | None = None, *, n_components: int = 2, labels: 
 
 def effective_dimensionality(source: Any, hook: str | None = None, *, batch_size: int = 4096,
                              dtype: torch.dtype = torch.float64) -> dict[str, Any]:
-    """How many dimensions the rows of `source` really use: the participation ratio `(Σλ)² / Σλ²` of the covariance
-    eigenvalues λ, and the number of principal components that explain 95% and 99% of the variance. A store is
-    streamed (one pass); `dtype` as for `pca`."""
+    """How many dimensions the rows of `source` really use: the participation ratio `(Σλ)² / Σλ²` of the
+    covariance eigenvalues λ, and the number of principal components that explain 95% and 99% of the variance. A
+    store is streamed (one pass); `dtype` as for `pca`."""
     _check_int(batch_size, "batch_size", 1)
     _check_dtype(dtype)
     view = _store_view(source, hook)
