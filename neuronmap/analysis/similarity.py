@@ -401,9 +401,8 @@ def similarity_matrix(
 
 def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor], options: dict[str, Any]):
     """`method` of `rows[i]` and `columns[j]` as a function of `(i, j)`. Linear CKA centres each set and computes its
-    own HSIC once, leaving one product a pair: of two `[features × features]`-sized factors in feature space (more
-    rows than features), else of two prepared `[n × n]` Gram matrices (at most about 1.5 times each set's own size
-    there)."""
+    own HSIC once, leaving one product a pair of different sets: `yᵀx` in feature space (more rows than features),
+    else the inner product of two prepared `[n × n]` Gram matrices (there at most about 1.5 times a set's size)."""
     measure = METHODS[method]
     linear = method == "cka" and options.get("kernel", "linear") == "linear" and set(options) <= {"kernel", "debiased"}
     if not linear:
@@ -427,6 +426,8 @@ def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor]
 
     def pair(i: int, j: int) -> float:
         (x, xx), (y, yy) = rows_prepared[i], columns_prepared[j]
+        if i == j and columns_prepared is rows_prepared:  # a set with itself: its own HSIC, already known
+            return _ratio(xx, xx, yy)
         return _ratio(hsic(x, y), xx, yy)
 
     return pair
