@@ -136,7 +136,8 @@ def cka_rounds(tokens: int, rounds: int, batch: int, check_pairs: int) -> dict:
     compare, loop_only = torch_cka_parts(stacked, batch)
     calls = {
         "neuronmap": lambda: nm.analysis.layer_similarity(trace, HOOKS, method="cka").to_numpy(),
-        "neuronmap debiased": lambda: nm.analysis.layer_similarity(trace, HOOKS, method="cka", debiased=True).to_numpy(),
+        "neuronmap debiased":
+            lambda: nm.analysis.layer_similarity(trace, HOOKS, method="cka", debiased=True).to_numpy(),
         "numpy": lambda: numpy_matrix(layers32),
         "torch-cka compare()": lambda: compare().numpy(),
         "torch-cka loop only": loop_only,
@@ -154,8 +155,10 @@ def cka_rounds(tokens: int, rounds: int, batch: int, check_pairs: int) -> dict:
             print(f"    {key}: {wall:.2f} s wall, {cpu:.2f} s CPU", flush=True)
         print(f"  round {round_ + 1}/{rounds}: {time.perf_counter() - start:.0f} s, load {os.getloadavg()[0]:.1f}",
               flush=True)
-    walls["torch-cka arithmetic"] = [c - lo for c, lo in zip(walls["torch-cka compare()"], walls["torch-cka loop only"])]
-    cpus["torch-cka arithmetic"] = [c - lo for c, lo in zip(cpus["torch-cka compare()"], cpus["torch-cka loop only"])]
+    for record in (walls, cpus):
+        record["torch-cka arithmetic"] = [
+            c - lo for c, lo in zip(record["torch-cka compare()"], record["torch-cka loop only"])
+        ]
     base = walls["neuronmap"]
     times = {
         key: {
@@ -244,31 +247,45 @@ def _projections():
     return projections
 
 
-def pca_memory(sizes: list[int], components: int, out_dir: Path, threads: int) -> dict:
+def pca_memory(sizes: list[int], components: int, out_dir: Path, threads: int, repeats: int) -> dict:
+    """Every call at every store size, `repeats` times (one child process each, the calls' order rotated each
+    repeat): medians of time and peak growth, and of each call's wall time over scikit-learn PCA's in its repeat."""
     results = {}
     methods = ["neuronmap pca", "sklearn PCA", "sklearn IncrementalPCA", "neuronmap minibatch_cka"]
     for size in sizes:
         path, rows = store_of(size, out_dir), size // CONTEXT * CONTEXT
-        for method in methods:
-            if (method == "neuronmap minibatch_cka" and size not in (sizes[0], sizes[-1])
-                    or method == "sklearn IncrementalPCA" and size != sizes[0]):  # its SVD per block is slow
-                continue
-            command = [sys.executable, __file__, "--phase", "child", "--store", str(path), "--method", method,
-                       "--components", str(components), "--threads", str(threads)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                print(done.stderr[-3000:], flush=True)
-                results.setdefault(method, {})[rows] = {"error": done.stderr.strip().splitlines()[-1]}
-                continue
-            record = json.loads(done.stdout.strip().splitlines()[-1])
-            results.setdefault(method, {})[rows] = record
-            print(f"    {rows:,} rows, {method}: {record['wall_s']:.1f} s, peak +{record['peak_growth_mb']:.0f} MB",
-                  flush=True)
-        ours = results["neuronmap pca"].get(rows, {})
+        chosen = [m for m in methods if not (m == "neuronmap minibatch_cka" and size not in (sizes[0], sizes[-1])
+                                             or m == "sklearn IncrementalPCA" and size != sizes[0])]  # slow
+        runs = {method: [] for method in chosen}
+        for repeat in range(repeats):
+            for method in chosen[repeat % len(chosen):] + chosen[: repeat % len(chosen)]:
+                command = [sys.executable, __file__, "--phase", "child", "--store", str(path), "--method", method,
+                           "--components", str(components), "--threads", str(threads)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    print(done.stderr[-3000:], flush=True)
+                    raise SystemExit(f"{method} failed on {path}")
+                record = json.loads(done.stdout.strip().splitlines()[-1])
+                runs[method].append(record)
+                print(f"    {rows:,} rows, {method}: {record['wall_s']:.1f} s, "
+                      f"peak +{record['peak_growth_mb']:.0f} MB", flush=True)
+        for method, records in runs.items():
+            results.setdefault(method, {})[rows] = {
+                "wall_s": statistics.median(r["wall_s"] for r in records),
+                "cpu_s": statistics.median(r["cpu_s"] for r in records),
+                "peak_growth_mb": statistics.median(r["peak_growth_mb"] for r in records),
+                "peak_growth_mb_all": [round(r["peak_growth_mb"], 1) for r in records],
+                "x_sklearn_pca": statistics.median(
+                    r["wall_s"] / ref["wall_s"] for r, ref in zip(records, runs["sklearn PCA"])),
+                "rss_before_mb": records[0]["rss_before_mb"], "ratio": records[0]["ratio"],
+                "components": records[0]["components"],
+            }
+        ours = results["neuronmap pca"][rows]
         for reference in ("sklearn PCA", "sklearn IncrementalPCA"):
-            theirs = results.get(reference, {}).get(rows, {})
-            if "ratio" in ours and "ratio" in theirs:
-                results.setdefault("agreement", {})[f"{rows}, neuronmap pca vs {reference}"] = _agreement(ours, theirs)
+            theirs = results.get(reference, {}).get(rows)
+            if theirs is not None:
+                results.setdefault("agreement", {})[f"{rows:,} rows, neuronmap pca vs {reference}"] = _agreement(
+                    ours, theirs)
     for records in results.values():
         for record in records.values():
             record.pop("components", None)
@@ -302,8 +319,8 @@ def markdown(result: dict) -> str:
     pca = result.get("pca")
     if pca:
         sizes = sorted({int(rows) for method, records in pca.items() if method != "agreement" for rows in records})
-        lines += [f"### PCA ({result['components']} components) and minibatch CKA over a store: time and peak memory "
-                  "growth (own process)", "",
+        lines += [f"### PCA ({result['components']} components) and minibatch CKA over a store: wall time (CPU; × "
+                  "sklearn PCA's wall time), peak memory growth, medians over child processes", "",
                   "| call | " + " | ".join(f"{rows:,} rows" for rows in sizes) + " |",
                   "|---|" + "---:|" * len(sizes)]
         for method, records in pca.items():
@@ -314,10 +331,9 @@ def markdown(result: dict) -> str:
                 r = records.get(rows) or records.get(str(rows))
                 if r is None:
                     cells.append("")
-                elif "error" in r:
-                    cells.append("error")
                 else:
-                    cells.append(f"{r['wall_s']:.1f} s (CPU {r['cpu_s']:.1f}), +{r['peak_growth_mb']:.0f} MB")
+                    cells.append(f"{r['wall_s']:.1f} s (CPU {r['cpu_s']:.1f}; ×{r['x_sklearn_pca']:.2f}), "
+                                 f"+{r['peak_growth_mb']:.0f} MB")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "| rows, against | max abs diff of explained-variance ratios | abs cos of each component |",
                   "|---|---:|---|"]
@@ -334,6 +350,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--cka-batch", type=int, default=256, help="torch-cka's DataLoader batch")
     parser.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000, 200_000], help="store rows")
     parser.add_argument("--components", type=int, default=10)
+    parser.add_argument("--pca-repeats", type=int, default=3, help="child processes per call and store size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", choices=["cka", "pca"], help="leave one half out")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/neuronmap-repr-bench"))
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(child(args)))
         return None
     if args.quick:
-        args.tokens, args.rounds, args.sizes = 4096, 2, [20_000, 60_000]
+        args.tokens, args.rounds, args.sizes, args.pca_repeats = 4096, 2, [20_000, 60_000], 1
     torch.set_num_threads(args.threads)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {"machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_before": os.getloadavg(),
@@ -356,7 +373,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         result["cka"] = cka_rounds(args.tokens, args.rounds, args.cka_batch, check_pairs=12)
     if args.skip != "pca":
         print(f"PCA: stores of {args.sizes} rows in {args.out_dir}", flush=True)
-        result["pca"] = pca_memory(args.sizes, args.components, args.out_dir, args.threads)
+        result["pca"] = pca_memory(args.sizes, args.components, args.out_dir, args.threads, args.pca_repeats)
     result["machine"]["load_after"] = os.getloadavg()
     print(markdown(result))
     if args.json:
