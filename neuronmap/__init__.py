@@ -16,6 +16,7 @@ from .errors import (
     NotCapturedError,
     SAEError,
     StoreError,
+    TunedLensError,
     WeightError,
 )
 from .hooks import HookPoint
@@ -55,6 +56,7 @@ __all__ = [
     "SAE",
     "SAEError",
     "Trace",
+    "TunedLensError",
     "WeightError",
     "Weights",
     "attention",

@@ -68,3 +68,12 @@ class StoreError(NeuronMapError, ValueError):
 class SAEError(NeuronMapError, ValueError):
     """A sparse autoencoder that cannot be built, loaded, trained or spliced as asked: a width that does not match its
     hook, a file that is not an SAE (or a truncated one), an unknown architecture or field, or a loss that diverged."""
+
+
+class TunedLensError(NeuronMapError, ValueError):
+    """A tuned lens that cannot be used, loaded or trained as asked: made for another model, a file that is not a
+    tuned lens (or a torn one), or a loss that diverged (`.step` names the step)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step

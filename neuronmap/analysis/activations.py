@@ -19,7 +19,10 @@ from ..trace import Trace
 MAX_IN_MEMORY_BYTES = 2 << 30
 """The largest store hook `as_matrix` reads whole by default (as float64); larger ones need a streaming method."""
 
-STREAMING_METHODS = ("neuron_statistics", "pca", "effective_dimensionality", "minibatch_cka")
+STREAMING_METHODS = (
+    "neuron_statistics", "layer_summary", "neuron_entropy", "pca", "effective_dimensionality", "minibatch_cka",
+    "train_tuned_lens",
+)
 """The analyses that read a store block by block, whatever its size."""
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..display import Renders, escape, html_table
-from ..errors import InputError, NeuronMapError
+from ..errors import InputError, TunedLensError
 from ..linechart import line_chart_figure, line_chart_svg
 from .lenses import LogitLens, final_norm, read_lens
 
@@ -38,15 +38,6 @@ FORMAT = "neuronmap.tuned_lens"
 FORMAT_VERSION = 1
 _CONTEXT = 1024  # tokens per window for a model that states no context length (else its own, as nm.extract)
 _TITLE = "mean KL(final ‖ lens) by layer (±1.96 SE)"
-
-
-class TunedLensError(NeuronMapError, ValueError):
-    """A tuned lens that cannot be used, loaded or trained as asked: made for another model, a file that is not a
-    tuned lens (or a torn one), or a loss that diverged (`.step` names the step)."""
-
-    def __init__(self, message: str, step: int | None = None):
-        super().__init__(message)
-        self.step = step
 
 
 class TunedLens(Renders):
