@@ -109,7 +109,7 @@ def test_a_store_view_with_nan_is_refused_naming_the_count(tmp_path):
     values[[61, 70], 2] = np.nan
     with h5py.File(tmp_path / "nan.h5", "w") as file:
         view = HookView(file.create_dataset("x", data=values), 100, "x")
-        with pytest.raises(nm.InputError, match="'x' holds 2 NaN or infinite values in the block of rows from 50"):
+        with pytest.raises(nm.InputError, match="rows 50 to 100 of 'x' hold 2 NaN or infinite values"):
             pca(view, batch_size=50)
         with pytest.raises(nm.InputError, match="2 NaN"):
             effective_dimensionality(view, batch_size=50)
@@ -180,7 +180,7 @@ def test_views_escape_labels_and_cover_the_whole_spectrum():
 
 def test_bad_input_is_named():
     x = _data(20, 5)
-    with pytest.raises(nm.InputError, match="labels need one entry per row: 20 rows"):
+    with pytest.raises(nm.InputError, match="19 labels for 20 rows of activations"):
         pca(x, labels=[0] * 19)
     with pytest.raises(nm.InputError, match="n_components=6 is more than"):
         pca(x, n_components=6)

@@ -21,8 +21,8 @@ from ..errors import InputError
 from ..histogram import histogram_figure, histogram_svg
 from .activations import as_matrix
 from .rigour import CORRECTIONS, correct_pvalues
-from .statistics import _label, _store_view, row_blocks
 from .statistics_view import TopNeurons
+from .streaming import labels_array, row_blocks, source_name, store_view
 
 METHODS = ("binned", "knn")
 _CHUNK = 1 << 22
@@ -94,7 +94,7 @@ def mutual_information(
         corrected = correct_pvalues(p_values, correction) if correction else p_values.clone()
     counts = np.bincount(y) / len(y)
     return InformationResult(
-        observed, p_values, corrected, name=_label(source, hook), method=method,
+        observed, p_values, corrected, name=source_name(source, hook), method=method,
         setting=f"{bins} bins" if method == "binned" else f"k={k}", correction=correction if permutations else None,
         permutations=permutations, label_entropy=float(-(counts * np.log2(counts)).sum()), classes=len(classes),
     )
@@ -207,13 +207,7 @@ def _knn_measure(x: torch.Tensor, k: int, seed: int):
 
 def _classes(labels: Any, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels as class indices 0..C-1 (and the classes), checked against the number of rows."""
-    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if values.ndim != 1:
-        raise InputError(f"labels must be one class per row (1-D), got shape {list(values.shape)}")
-    if len(values) != rows:
-        raise InputError(f"{len(values):,} labels for {rows:,} rows of activations: give one label per row")
-    if values.dtype.kind == "f" and not np.isfinite(values).all():
-        raise InputError(f"the labels hold {int((~np.isfinite(values)).sum())} NaN or infinite values")
+    values = labels_array(labels, rows, "class")
     classes, indices = np.unique(values, return_inverse=True)
     if len(classes) < 2:
         raise InputError(f"mutual information with a label needs at least 2 classes, got only {classes.tolist()!r}")
@@ -241,7 +235,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 def _rereadable(source: Any, hook: str | None, batch_size: int):
     """A function giving the blocks of `source` again on each call: a store re-read from disk, anything else read
     once and kept."""
-    if _store_view(source, hook) is not None:
+    if store_view(source, hook) is not None:
         return lambda: row_blocks(source, hook, batch_size)
     matrix = next(row_blocks(source, hook, batch_size))
     return lambda: iter([matrix])

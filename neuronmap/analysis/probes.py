@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..trace import Trace
 from .activations import as_matrix, row_tokens
 from .probe_view import ProbeCurve, ProbeResult
+from .streaming import labels_array
 
 KINDS = ("logistic", "ridge")
 
@@ -122,11 +123,7 @@ def splitter(kind: str, folds: int, seed: int) -> Any:
 
 
 def _labels(labels: Any, rows: int, kind: str, folds: int) -> tuple[np.ndarray, list[Any] | None]:
-    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if y.ndim != 1:
-        raise InputError(f"labels must be one value per row (1-d), got shape {list(y.shape)}")
-    if len(y) != rows:
-        raise InputError(f"{len(y):,} labels for {rows:,} rows of activations: give one label per row")
+    y = labels_array(labels, rows)
     if kind == "ridge":
         if not np.issubdtype(y.dtype, np.number) or not np.isfinite(y.astype(np.float64)).all():
             raise InputError("a ridge probe needs finite numbers as labels")

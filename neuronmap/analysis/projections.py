@@ -10,7 +10,7 @@ projection, and the effective dimensionality; scipy's LAPACK drivers do the eige
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from ..errors import InputError
 from .activations import as_matrix, token_contexts
 from .projection_view import Projection, dimensions_for, participation_ratio
+from .streaming import Covariance, features_of, labels_array, row_blocks, store_view
 
 __all__ = ["Projection", "dimensions_for", "effective_dimensionality", "participation_ratio", "pca", "tsne", "umap"]
 
@@ -37,12 +38,12 @@ def pca(source: Any, hook: str | None = None, *, n_components: int = 2, labels: 
     """
     _check_int(batch_size, "batch_size", 1)
     _check_dtype(dtype)
-    view = _store_view(source, hook)
+    view = store_view(source, hook)
     if view is None:
         matrix = as_matrix(source, hook, dtype=dtype)
         n, d = matrix.shape
         _check_components(n_components, n, d)
-        labels = _checked_labels(labels, n)
+        labels = _labels(labels, n)
         mean = matrix.mean(0)
         centred = matrix - mean
         if d <= n:
@@ -54,14 +55,16 @@ def pca(source: Any, hook: str | None = None, *, n_components: int = 2, labels: 
         coordinates = (centred @ components.to(dtype).T).double()
         mean = mean.double()
     else:
-        n, d = len(view), _features(view)
+        n, d = len(view), features_of(view)
         _check_components(n_components, n, d)
-        labels = _checked_labels(labels, n)
-        mean, covariance = _streamed_covariance(view, batch_size, dtype)
-        eigenvalues, top = _spectrum(covariance, n_components)
+        labels = _labels(labels, n)
+        covariance = _streamed_covariance(view, batch_size, dtype)
+        mean = covariance.mean
+        eigenvalues, top = _spectrum(covariance.covariance, n_components)
         components = _flipped(top)
         shift, axes = mean.to(dtype), components.to(dtype).T
-        coordinates = torch.cat([block.sub_(shift) @ axes for block in _blocks(view, batch_size, dtype)]).double()
+        blocks = row_blocks(view, None, batch_size, dtype=dtype, reuse=True)
+        coordinates = torch.cat([block.sub_(shift) @ axes for block in blocks]).double()
     return Projection(
         coordinates, "PCA", labels=labels, hover=token_contexts(source, hook), components=components, mean=mean,
         eigenvalues=eigenvalues.clamp(min=0)[: min(n, d)],
@@ -75,7 +78,7 @@ def effective_dimensionality(source: Any, hook: str | None = None, *, batch_size
     store is streamed (one pass); `dtype` as for `pca`."""
     _check_int(batch_size, "batch_size", 1)
     _check_dtype(dtype)
-    view = _store_view(source, hook)
+    view = store_view(source, hook)
     if view is None:
         matrix = as_matrix(source, hook, dtype=dtype)
         if len(matrix) < 2:
@@ -89,8 +92,8 @@ def effective_dimensionality(source: Any, hook: str | None = None, *, batch_size
     else:
         if len(view) < 2:
             raise InputError(f"effective dimensionality needs at least 2 rows (samples), got {len(view)}")
-        eigenvalues = _spectrum(_streamed_covariance(view, batch_size, dtype)[1], 0)[0]
-        rows, features = len(view), _features(view)
+        eigenvalues = _spectrum(_streamed_covariance(view, batch_size, dtype).covariance, 0)[0]
+        rows, features = len(view), features_of(view)
     spectrum = eigenvalues.clamp(min=0)
     return {"participation_ratio": participation_ratio(spectrum), "dims_95": dimensions_for(spectrum, 0.95),
             "dims_99": dimensions_for(spectrum, 0.99), "rows": rows, "features": features}
@@ -115,7 +118,7 @@ def tsne(source: Any, hook: str | None = None, *, n_components: int = 2, perplex
             f"t-SNE needs more rows (samples) than its perplexity: {n} rows for perplexity={perplexity}; "
             f"lower the perplexity (below {n}) or give more rows"
         )
-    labels = _checked_labels(labels, n)
+    labels = _labels(labels, n)
     if pca_components is not None and matrix.shape[1] > pca_components:
         matrix = pca(matrix, n_components=min(pca_components, n)).coordinates
     embedding = TSNE(n_components=n_components, perplexity=perplexity, random_state=seed, init="pca",
@@ -135,67 +138,19 @@ def umap(source: Any, hook: str | None = None, *, n_components: int = 2, n_neigh
     _check_int(n_components, "n_components", 1)
     if n <= max(n_neighbors, n_components + 1):
         raise InputError(f"UMAP needs more rows (samples) than n_neighbors={n_neighbors}, got {n}")
-    labels = _checked_labels(labels, n)
+    labels = _labels(labels, n)
     reducer = umap_learn.UMAP(n_components=n_components, n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed)
     embedding = reducer.fit_transform(matrix.numpy())
     return Projection(torch.from_numpy(np.asarray(embedding)).double(), "UMAP", labels=labels,
                       hover=token_contexts(source, hook))
 
 
-def _store_view(source: Any, hook: str | None) -> Any:
-    """The store hook view to stream for `source`, or None when `source` is not a store."""
-    if hasattr(source, "hooks") and hasattr(source, "batches"):
-        if hook is None:
-            if len(source.hooks) != 1:
-                raise InputError(f"the store holds {len(source.hooks)} hooks ({', '.join(source.hooks)}): pass hook=")
-            hook = source.hooks[0]
-        return source[hook]
-    if hasattr(source, "read") and hasattr(source, "to_torch") and hasattr(source, "__len__"):
-        return source
-    return None
-
-
-def _streamed_covariance(view: Any, batch_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and the (n - 1)-normalised covariance (float64) of every row of `view`: each block, shifted by the
-    first block's mean (which keeps the sums from cancelling when the mean is large), is multiplied in `dtype` and
-    summed into float64. Only the panels of `BᵀB` on and above the diagonal are multiplied (5/8 of the work for 4
-    panels), then mirrored."""
-    n, d = len(view), _features(view)
-    shift = None
-    total = torch.zeros(d, dtype=torch.float64)
-    scatter = torch.zeros(d, d, dtype=torch.float64)
-    ones = torch.ones(min(batch_size, n), dtype=dtype)
-    edges = np.linspace(0, d, min(8, max(1, d // 192)) + 1).astype(int).tolist()  # column panels of ~200 features
-    for index, block in enumerate(_blocks(view, batch_size, dtype)):
-        sums = torch.mv(block.T, ones[: len(block)])  # BLAS: several times faster than block.sum(0)
-        if not bool(torch.isfinite(sums).all()):  # NaN or inf anywhere in the block reaches its column sums
-            bad = int((~torch.isfinite(block)).sum())
-            raise InputError(f"{view.hook!r} holds {bad:,} NaN or infinite values in the block of rows from "
-                             f"{index * batch_size:,}; analyses need finite numbers")
-        if shift is None:
-            shift = sums / len(block)
-        block -= shift
-        total += torch.mv(block.T, ones[: len(block)])
-        for a, b in zip(edges[:-1], edges[1:]):  # the panels on and above the diagonal: BᵀB is symmetric
-            scatter[a:b, a:] += block[:, a:b].T @ block[:, a:]
-    scatter = scatter.triu() + scatter.triu(1).T
-    offset = total / n
-    return shift.double() + offset, (scatter - n * torch.outer(offset, offset)) / (n - 1)
-
-
-def _blocks(view: Any, batch_size: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """Consecutive blocks of `batch_size` rows of a store's hook view as `dtype`, each read from disk in one go into
-    one reused buffer (so memory holds one block; each block is valid until the next is read)."""
-    n = len(view)
-    buffer = torch.empty(min(batch_size, n), _features(view), dtype=dtype)
-    for start in range(0, n, batch_size):
-        array = view.read(start, min(start + batch_size, n))
-        block = buffer[: len(array)]
-        if array.dtype.kind == "f":  # numpy widens float16 several times faster than torch does
-            np.copyto(block.numpy(), array.reshape(len(array), -1))
-        else:  # bfloat16, stored as its bits
-            block.copy_(view.to_torch(array).flatten(1))
-        yield block
+def _streamed_covariance(view: Any, batch_size: int, dtype: torch.dtype) -> Covariance:
+    """The mean and covariance of every row of a store's hook view, its blocks multiplied in `dtype`."""
+    covariance = Covariance(features_of(view))
+    for block in row_blocks(view, None, batch_size, dtype=dtype, reuse=True):
+        covariance.add(block, overwrite=True)
+    return covariance
 
 
 def _spectrum(covariance: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,10 +181,6 @@ def _check_dtype(dtype: Any) -> None:
         raise InputError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
 
 
-def _features(view: Any) -> int:
-    return int(np.prod(view.shape[1:], dtype=np.int64))
-
-
 def _check_components(n_components: int, n: int, d: int) -> None:
     _check_int(n_components, "n_components", 1)
     if n < 2:
@@ -238,15 +189,10 @@ def _check_components(n_components: int, n: int, d: int) -> None:
         raise InputError(f"n_components={n_components} is more than min(rows, features) = min({n}, {d})")
 
 
-def _checked_labels(labels: Sequence[Any] | None, n: int) -> np.ndarray | None:
-    if labels is None:
-        return None
-    array = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
-    if array.ndim != 1 or len(array) != n:
-        raise InputError(f"labels need one entry per row: {n} rows, got labels of shape {list(array.shape)}")
-    return array
-
-
 def _check_int(value: Any, name: str, minimum: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise InputError(f"{name} must be an int of at least {minimum}, got {value!r}")
+
+
+def _labels(labels: Sequence[Any] | None, n: int) -> np.ndarray | None:
+    return None if labels is None else labels_array(labels, n)

@@ -10,7 +10,7 @@ block. numpy/scipy have no streamed moments of order 3-4 nor a merged covariance
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from .activations import as_matrix
 from .similarity import _matching
 from .similarity_view import SimilarityMatrix
 from .statistics_view import LayerSummary, NeuronStatistics
+from .streaming import Covariance, features_of, row_blocks, source_name, store_view
 
 OUTLIER_FACTOR = 6.0
 """Default outlier rule of `layer_summary`: a feature whose mean |activation| is more than this many times the
@@ -45,7 +46,7 @@ def neuron_statistics(
         moments = _Moments.of(block, zero_threshold).merged(moments)
     if moments is None:
         raise InputError("no rows to summarise: the activations are empty")
-    return moments.statistics(_label(source, hook), zero_threshold)
+    return moments.statistics(source_name(source, hook), zero_threshold)
 
 
 def layer_summary(
@@ -120,41 +121,6 @@ def neuron_correlation(x: Any, y: Any = None) -> torch.Tensor:
     return values
 
 
-# ---------------------------------------------------------------- streaming
-
-
-def row_blocks(source: Any, hook: str | None, batch_size: int) -> Iterator[torch.Tensor]:
-    """The rows of `source` as float64 `[rows, features]` blocks: a store (with `hook`) or hook view read
-    `batch_size` rows at a time from disk, anything else (see `as_matrix`) as one block."""
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive int, got {batch_size!r}")
-    view = _store_view(source, hook)
-    if view is None:
-        yield as_matrix(source, hook)
-        return
-    for start in range(0, len(view), batch_size):
-        block = view.to_torch(view.read(start, start + batch_size)).flatten(1).to(torch.float64)
-        bad = int((~torch.isfinite(block)).sum())
-        if bad:
-            raise InputError(f"rows {start:,} to {start + len(block):,} of {view.hook!r} hold {bad:,} NaN or infinite "
-                             "values; analyses need finite numbers")
-        yield block
-
-
-def _store_view(source: Any, hook: str | None) -> Any:
-    """The hook view to stream, or None when `source` is not a store."""
-    if hasattr(source, "read") and hasattr(source, "to_torch"):
-        return source
-    if hasattr(source, "hooks") and hasattr(source, "batches"):
-        if hook is None:
-            hooks = list(source.hooks)
-            if len(hooks) != 1:
-                raise InputError(f"the store holds {len(hooks)} hooks ({', '.join(hooks)}): pass hook=")
-            hook = hooks[0]
-        return source[hook]
-    return None
-
-
 class _Moments:
     """Count, mean, centred sums of powers 2-4, min, max and zero count per feature of a set of rows, mergeable."""
 
@@ -208,15 +174,20 @@ class _Moments:
 def _layer_row(name: str, source: Any, outlier_factor: float, batch_size: int) -> dict[str, Any]:
     """One layer's summary: rows, features, norm mean and std, effective rank, outlier features."""
     matrix_source, hook = source if isinstance(source, tuple) else (source, None)
-    streamed = _store_view(matrix_source, hook) is not None
-    norms = abs_sum = spectrum = None
-    for block in row_blocks(matrix_source, hook, batch_size):
+    view = store_view(matrix_source, hook)
+    covariance = Covariance(features_of(view)) if view is not None else None
+    norms = abs_sum = singular = None
+    for block in row_blocks(matrix_source, hook, batch_size, reuse=True):
         norms = _Moments.of(block.norm(dim=1)[:, None], 0.0).merged(norms)
         abs_sum = block.abs().sum(0) if abs_sum is None else abs_sum + block.abs().sum(0)
-        spectrum = _CoMoments.of(block).merged(spectrum) if streamed else torch.linalg.svdvals(block - block.mean(0))
+        if covariance is None:  # the one block of a matrix in memory
+            singular = torch.linalg.svdvals(block - block.mean(0))
+        else:
+            covariance.add(block, overwrite=True)  # the block's last use
     if norms is None:
         raise InputError(f"{name!r} has no rows to summarise")
-    singular = spectrum.singular_values() if streamed else spectrum
+    if covariance is not None:
+        singular = _singular_values(covariance.comoment)
     mean_abs = abs_sum / norms.n
     median = float(mean_abs.quantile(0.5))
     outliers = torch.nonzero(mean_abs > outlier_factor * median).flatten() if median > 0 else torch.zeros(0, dtype=torch.long)
@@ -226,31 +197,11 @@ def _layer_row(name: str, source: Any, outlier_factor: float, batch_size: int) -
             "outliers": outliers.tolist(), "outlier_ratios": (mean_abs[outliers] / median).tolist()}
 
 
-class _CoMoments:
-    """Count, mean and centred co-moment matrix `Σ (x - mean)(x - mean)ᵀ` of a set of rows, mergeable (Chan et al.)."""
-
-    def __init__(self, n: int, mean: torch.Tensor, comoment: torch.Tensor):
-        self.n, self.mean, self.comoment = n, mean, comoment
-
-    @classmethod
-    def of(cls, block: torch.Tensor) -> _CoMoments:
-        mean = block.mean(0)
-        centred = block - mean
-        return cls(len(block), mean, centred.T @ centred)
-
-    def merged(self, other: _CoMoments | None) -> _CoMoments:
-        if other is None:
-            return self
-        n = self.n + other.n
-        delta = self.mean - other.mean
-        comoment = other.comoment + self.comoment + torch.outer(delta, delta) * (other.n * self.n / n)
-        return _CoMoments(n, other.mean + delta * self.n / n, comoment)
-
-    def singular_values(self) -> torch.Tensor:
-        """The centred matrix's singular values: square roots of the co-moment's eigenvalues, those within its
-        round-off (below `λ_max · features · eps`) taken as 0."""
-        eigen = torch.linalg.eigvalsh(self.comoment)
-        return torch.where(eigen > eigen[-1] * len(eigen) * torch.finfo(eigen.dtype).eps, eigen, 0).sqrt()
+def _singular_values(comoment: torch.Tensor) -> torch.Tensor:
+    """A centred matrix's singular values from its co-moment `Σ (x - mean)(x - mean)ᵀ`: square roots of the
+    eigenvalues, those within round-off (below `λ_max · features · eps`) taken as 0."""
+    eigen = torch.linalg.eigvalsh(comoment)
+    return torch.where(eigen > eigen[-1] * len(eigen) * torch.finfo(eigen.dtype).eps, eigen, 0).sqrt()
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -286,9 +237,3 @@ def _standardised(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     std = centred.square().mean(0).sqrt()
     live = std > 1e-14 * matrix.abs().amax(0).clamp(min=1e-300)
     return centred / torch.where(live, std, torch.ones_like(std)) * live, live
-
-
-def _label(source: Any, hook: str | None) -> str:
-    if hook is not None:
-        return hook
-    return str(getattr(source, "hook", "")) or "activations"
