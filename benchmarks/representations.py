@@ -25,13 +25,14 @@ Values: NeuronMap's matrix against numpy's; torch-cka's against `nm.analysis.min
 size (the same estimator) on row 0's 12 pairs, and against NeuronMap's full debiased CKA.
 
 PCA (`pca_memory`): a 2-layer GPT-2 (d_model 768, seed 0) is extracted into float16 stores of increasing size (hooks
-`blocks.0/1.hook_resid_post`, kept in `--out-dir` for reruns). Each measurement runs in its own child process: the
-resident set after imports and opening the store, then the call, then the high-water mark (`VmHWM`, which counts
-torch's, numpy's and HDF5's allocations alike); reported is the growth. Calls: NeuronMap's `pca(store, hook,
-n_components=k)` (streamed), scikit-learn's `PCA(k).fit_transform` of `store[hook][:]` as float32 (the read
-included), scikit-learn's `IncrementalPCA(k)` fed block by block from the store (`partial_fit`, then `transform`),
-and `nm.analysis.minibatch_cka(hook_a, hook_b, store=store)`. Each child also returns the top explained-variance
-ratios and components, compared with scikit-learn's PCA.
+`blocks.0/1.hook_resid_post`, kept in `--out-dir` for reruns). Each measurement runs in its own child process
+(`--pca-repeats` per call and size, order rotated): the resident set after imports and opening the store, then the
+call, then the high-water mark (`VmHWM`, which counts torch's, numpy's and HDF5's allocations alike); reported is the
+growth. Calls: NeuronMap's `pca(store, hook, n_components=k)` (streamed), scikit-learn's `PCA(k).fit_transform` of
+`store[hook][:]` as float32 (the read included), scikit-learn's `IncrementalPCA(k)` fed block by block from the store
+(`partial_fit`, then `transform`; smallest store only, it is slow), and `nm.analysis.minibatch_cka(hook_a, hook_b,
+store=store)` (smallest and largest store). Each child also returns the top explained-variance ratios and
+components, compared with scikit-learn's PCA.
 """
 
 from __future__ import annotations
