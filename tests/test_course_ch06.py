@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import neuronmap as nm
-from neuronmap.analysis.probes import probe_by_layer
 from neuronmap.course import ch06
 from neuronmap.course.feedback import PLACEHOLDER_HINT
 from neuronmap.zoo.recipes import ioi, ioi_sae
@@ -86,7 +85,7 @@ def test_probe_reference_agrees_with_probe_by_layer(model, texts):
             seen.add(token)
     labels = torch.tensor(labels)[is_name].long()
     rows = {hook: nm.analysis.as_matrix(trace, hook)[is_name] for hook in ch06.PROBE_HOOKS}
-    curve = probe_by_layer(rows, labels, list(ch06.PROBE_HOOKS), control=False)
+    curve = nm.analysis.probe_by_layer(rows, labels, list(ch06.PROBE_HOOKS), control=False)
     assert [accuracy[hook] for hook in ch06.PROBE_HOOKS] == pytest.approx(curve.accuracy, abs=1e-6)
     seen_share = float(labels.double().mean())
     assert baseline == pytest.approx(max(seen_share, 1 - seen_share), abs=1e-12)
