@@ -63,14 +63,15 @@ def test_pca_streams_a_store_like_the_matrix_in_memory(store, batch_size):
     hook = "blocks.1.hook_resid_post"
     whole = store[hook][:].double().numpy()
     in_memory = pca(whole, n_components=3)
-    for streamed in (pca(store, hook, n_components=3, batch_size=batch_size),
-                     pca(store[hook], n_components=3, batch_size=batch_size)):
+    exact = torch.float64  # the store holds float32: by default its products would be float32 too
+    for streamed in (pca(store, hook, n_components=3, batch_size=batch_size, dtype=exact),
+                     pca(store[hook], n_components=3, batch_size=batch_size, dtype=exact)):
         np.testing.assert_allclose(streamed.coordinates.numpy(), in_memory.coordinates.numpy(), atol=1e-8)
         np.testing.assert_allclose(streamed.components.numpy(), in_memory.components.numpy(), atol=1e-8)
         np.testing.assert_allclose(streamed.explained_variance_ratio.numpy(),
                                    in_memory.explained_variance_ratio.numpy(), atol=1e-12)
         np.testing.assert_allclose(streamed.mean.numpy(), whole.mean(0), atol=1e-10)
-    dims = effective_dimensionality(store, hook, batch_size=batch_size)
+    dims = effective_dimensionality(store, hook, batch_size=batch_size, dtype=exact)
     assert dims["participation_ratio"] == pytest.approx(in_memory.participation_ratio, rel=1e-9)
     assert (dims["dims_95"], dims["dims_99"]) == (in_memory.dimensions_for(0.95), in_memory.dimensions_for(0.99))
 
@@ -80,7 +81,7 @@ def test_pca_streams_half_precision_stores(tmp_path, dtype):
     hook = "blocks.1.hook_resid_post"
     half = _extract(tmp_path / "h.h5", dtype)
     in_memory = pca(half[hook][:].double().numpy(), n_components=2)
-    streamed = pca(half, hook, n_components=2, batch_size=50)
+    streamed = pca(half, hook, n_components=2, batch_size=50, dtype=torch.float64)
     np.testing.assert_allclose(streamed.coordinates.numpy(), in_memory.coordinates.numpy(), atol=1e-8)
     np.testing.assert_allclose(streamed.explained_variance_ratio.numpy(), in_memory.explained_variance_ratio.numpy(),
                                atol=1e-12)
@@ -88,7 +89,11 @@ def test_pca_streams_half_precision_stores(tmp_path, dtype):
 
 def test_float32_products_agree_with_float64_to_single_precision(store):
     hook = "blocks.1.hook_resid_post"
-    exact = pca(store, hook, n_components=3)
+    exact = pca(store, hook, n_components=3, dtype=torch.float64)
+    default = pca(store, hook, n_components=3, batch_size=64)  # a float32 store: float32 products by default
+    assert torch.equal(default.coordinates, pca(store, hook, n_components=3, batch_size=64,
+                                                dtype=torch.float32).coordinates)
+    assert not torch.equal(default.coordinates, exact.coordinates)
     scale = float(exact.coordinates.abs().max())
     for source in (store, store[hook][:]):
         single = pca(source, hook if source is store else None, n_components=3, batch_size=64, dtype=torch.float32)
@@ -96,7 +101,7 @@ def test_float32_products_agree_with_float64_to_single_precision(store):
         np.testing.assert_allclose(single.coordinates.numpy(), exact.coordinates.numpy(), atol=1e-4 * scale)
         np.testing.assert_allclose(single.explained_variance_ratio.numpy(), exact.explained_variance_ratio.numpy(),
                                    atol=1e-6)
-    with pytest.raises(nm.InputError, match="dtype must be torch.float32 or torch.float64"):
+    with pytest.raises(nm.InputError, match="dtype must be torch.float32, torch.float64 or None"):
         pca(store, hook, dtype=torch.float16)
 
 

@@ -354,3 +354,22 @@ def test_bad_input_names_the_problem():
         similarity_matrix([x, x, x], names=["a", "b"])
     with pytest.raises(nm.InputError, match="batch_size"):
         minibatch_cka(x, x, batch_size=2)
+
+
+def test_linear_cka_multiplies_in_the_datas_own_precision_with_float64_sums():
+    from neuronmap.analysis.activations import product_dtype
+
+    x64, y64 = torch.from_numpy(_data(3000, 40, 50)), torch.from_numpy(_data(3000, 30, 51))
+    y64[:, :10] += 3 * x64[:, :10]
+    x32, y32 = x64.float(), y64.float()
+    exact = cka(x32.double(), y32.double())  # the same float32 numbers in float64 arithmetic
+    assert product_dtype(None, [(x32, None), (y32, None)]) == torch.float32
+    assert product_dtype(None, [(x32, None), (y64, None)]) == torch.float64
+    assert cka(x32, y32, dtype=torch.float64) == exact
+    assert cka(x32, y32) != exact and abs(cka(x32, y32) - exact) < 1e-6
+    assert abs(cka(x32, y32, debiased=True) - cka(x32.double(), y32.double(), debiased=True)) < 1e-6
+    matrix = similarity_matrix([x32, y32]).to_numpy()
+    np.testing.assert_allclose(matrix, similarity_matrix([x32, y32], dtype=torch.float64).to_numpy(), atol=1e-6)
+    assert matrix[0, 1] == cka(x32, y32)
+    with pytest.raises(nm.InputError, match="dtype must be torch.float32, torch.float64 or None"):
+        cka(x32, y32, dtype=torch.float16)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import HookNameError, InputError
 from ..trace import Trace
-from .activations import as_matrix
+from .activations import as_matrix, product_dtype
 from .similarity_view import SimilarityMatrix
 
 KERNELS = ("linear", "rbf")
@@ -30,7 +30,8 @@ RSA_COMPARISONS = ("spearman", "kendall")
 # ---------------------------------------------------------------- CKA
 
 
-def cka(x: Any, y: Any, *, kernel: str = "linear", debiased: bool = False, sigma: float | None = None) -> float:
+def cka(x: Any, y: Any, *, kernel: str = "linear", debiased: bool = False, sigma: float | None = None,
+        dtype: torch.dtype | None = None) -> float:
     """Centred kernel alignment of two activation sets of the same inputs (Kornblith et al. 2019): 1 for sets equal
     up to a rotation and a scale, near 0 for unrelated ones.
 
@@ -38,15 +39,18 @@ def cka(x: Any, y: Any, *, kernel: str = "linear", debiased: bool = False, sigma
     Gram matrices (many inputs, few features); `"rbf"` uses `exp(-|a - b|² / 2σ²)` with `sigma` (default: the
     median distance between distinct rows of each set). `debiased` uses the unbiased HSIC estimator of Song et al.
     (2012), as Nguyen et al. (2021) do, which needs at least 4 rows and removes the bias towards 1 of few inputs.
+    `dtype`: the precision of the feature-space products (`product_dtype`: by default the data's own, float32 for
+    float32 activations, with means and sums in float64).
     """
     _choice(kernel, KERNELS, "kernel")
     if sigma is not None and kernel != "rbf":
         raise InputError(f"sigma is the RBF kernel's bandwidth: pass kernel='rbf' with it (kernel is {kernel!r})")
+    products = product_dtype(dtype, [(x, None), (y, None)])
     x, y = _pair(x, y, minimum=4 if debiased else 2, why="the debiased estimator" if debiased else "CKA")
     if kernel == "linear":
         x, y = x - x.mean(0), y - y.mean(0)
         if _feature_space(x, y):
-            return _feature_cka(x, y, debiased)
+            return _feature_cka(x, y, debiased, products)
         k, l = x @ x.T, y @ y.T
     else:
         k, l = _rbf_gram(x, sigma), _rbf_gram(y, sigma)
@@ -113,9 +117,18 @@ def _row_blocks(x: Any, y: Any, batch_size: int):
         yield readers[0](start, start + batch_size), readers[1](start, start + batch_size)
 
 
-def _feature_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool) -> float:
-    """Linear CKA of column-centred `x`, `y` from feature-space products: `|yᵀx|² / (|xᵀx| |yᵀy|)` (Frobenius)."""
-    return _ratio(_feature_hsic(x, y, debiased), _feature_hsic(x, x, debiased), _feature_hsic(y, y, debiased))
+def _feature_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool, products: torch.dtype) -> float:
+    """Linear CKA of column-centred float64 `x`, `y` from feature-space products in `products` precision:
+    `|yᵀx|² / (|xᵀx| |yᵀy|)` (Frobenius); the debiased estimator's row terms stay float64."""
+    (a, a_terms, aa), (b, b_terms, bb) = _feature_prepared(x, debiased, products), _feature_prepared(y, debiased, products)
+    return _ratio(_feature_hsic(a, b, debiased, a_terms, b_terms), aa, bb)
+
+
+def _feature_prepared(c: torch.Tensor, debiased: bool, products: torch.dtype):
+    """A centred set cast to `products`, its row terms (debiased only, from float64) and its own HSIC."""
+    terms = _row_terms(c) if debiased else None
+    cast = c.to(products)
+    return cast, terms, _feature_hsic(cast, cast, debiased, terms, terms)
 
 
 def _feature_hsic(x: torch.Tensor, y: torch.Tensor, debiased: bool, x_terms: tuple | None = None,
@@ -123,7 +136,7 @@ def _feature_hsic(x: torch.Tensor, y: torch.Tensor, debiased: bool, x_terms: tup
     """HSIC of the linear kernels `xxᵀ`, `yyᵀ` of centred `x`, `y` (up to a factor common to a CKA ratio), without
     forming them; the unbiased estimator's diagonal and row-sum terms come from the rows' norms and sums
     (`_row_terms`, passed in when already known)."""
-    cross = float((y.T @ x).square().sum())  # <K, L>_F
+    cross = float((y.T @ x).double().square().sum())  # <K, L>_F
     if not debiased:
         return cross
     (kd, k1), (ld, l1) = x_terms or _row_terms(x), y_terms or _row_terms(y)
@@ -379,17 +392,22 @@ def similarity_matrix(
     method: str = "cka",
     names: Sequence[str] | None = None,
     other_names: Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> SimilarityMatrix:
     """`method` between every pair of activation sets (of the same inputs): of `sources` with itself, or rows
     `sources` × columns `others` (two models' layers). A mapping's keys name its sets; otherwise `names` do (default
-    their positions). `options` go to the method (e.g. `kernel="rbf"`, `debiased=True` for CKA)."""
+    their positions). `options` go to the method (e.g. `kernel="rbf"`, `debiased=True` for CKA). `dtype`: the
+    precision of linear CKA's feature-space products, by default the data's own (see `cka`)."""
     _choice(method, tuple(METHODS), "method")
+    every_set = [*(sources.values() if isinstance(sources, Mapping) else sources)]
+    every_set += [*(others.values() if isinstance(others, Mapping) else others)] if others is not None else []
+    products = product_dtype(dtype, [(s, None) for s in every_set])
     rows, row_names = _named(sources, names, "sources")
     columns, column_names = (rows, row_names) if others is None else _named(others, other_names, "others")
     for matrix, name in zip(rows + columns, row_names + column_names):
         _same_rows(rows[0], matrix, row_names[0], name)
-    measure = _pairwise(method, rows, columns, options)
+    measure = _pairwise(method, rows, columns, options, products)
     symmetric = others is None and method != "pwcca"
     values = torch.full((len(rows), len(columns)), float("nan"), dtype=torch.float64)
     for i in range(len(rows)):
@@ -399,7 +417,8 @@ def similarity_matrix(
     return SimilarityMatrix(values, row_names, column_names, label)
 
 
-def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor], options: dict[str, Any]):
+def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor], options: dict[str, Any],
+              products: torch.dtype):
     """`method` of `rows[i]` and `columns[j]` as a function of `(i, j)`. Linear CKA centres each set and computes its
     own HSIC once, leaving one product a pair of different sets: `yᵀx` in feature space (more rows than features),
     else the inner product of two prepared `[n × n]` Gram matrices (there at most about 1.5 times a set's size)."""
@@ -412,9 +431,8 @@ def _pairwise(method: str, rows: list[torch.Tensor], columns: list[torch.Tensor]
         raise InputError(f"CKA needs at least {4 if debiased else 2} rows (samples), got {len(rows[0])}")
     if all(_feature_space(a, b) for a in rows for b in columns):
         def prepare(m: torch.Tensor):
-            c = m - m.mean(0)
-            terms = _row_terms(c) if debiased else None
-            return (c, terms), _feature_hsic(c, c, debiased, terms, terms)
+            cast, terms, own = _feature_prepared(m - m.mean(0), debiased, products)
+            return (cast, terms), own
 
         def hsic(x, y) -> float:
             return _feature_hsic(x[0], y[0], debiased, x[1], y[1])
@@ -469,14 +487,14 @@ def layer_similarity(
 ) -> SimilarityMatrix:
     """`similarity_matrix` of the hook points of a `Trace` or activation store matching `hooks` (names or glob
     patterns such as `"blocks.*.hook_resid_post"`), in the source's order. A store is read whole (see
-    `minibatch_cka` for a streamed pair)."""
+    `minibatch_cka` for a streamed pair). `options` as for `similarity_matrix`."""
     available = list(source.keys()) if isinstance(source, Trace) else list(getattr(source, "hooks", []))
     if not available:
         raise InputError(f"layer_similarity reads a Trace or an activation store, not a {type(source).__name__}")
     chosen = _matching(available, [hooks] if isinstance(hooks, str) else list(hooks))
     if len(chosen) < 2:
         raise InputError(f"layer_similarity needs at least 2 hook points, {hooks!r} matches {chosen}")
-    return similarity_matrix({hook: as_matrix(source, hook) for hook in chosen}, method=method, **options)
+    return similarity_matrix({hook: (source, hook) for hook in chosen}, method=method, **options)
 
 
 def _matching(available: list[str], wanted: list[str]) -> list[str]:
