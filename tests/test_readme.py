@@ -1,4 +1,4 @@
-"""The README's quickstart, store and SAE examples run as written, and print what their comments say they print."""
+"""The README's quickstart, store, SAE and analysis examples run as written, and print what their comments say they print."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def block(marker: str) -> str:
     return textwrap.dedent(found.group(2))
 
 
-@pytest.mark.parametrize("marker, prints", [("quickstart", 5), ("store-example", 3), ("sae-example", 4)])
+@pytest.mark.parametrize("marker, prints", [("quickstart", 5), ("store-example", 3), ("sae-example", 4),
+                                           ("analysis-example", 4)])
 def test_the_readme_examples_run_offline_and_print_what_their_comments_say(tmp_path, marker, prints):
     code = block(marker)
     expected = [m.group(1).strip() for line in code.splitlines() if (m := EXPECTED.match(line.strip()))]

@@ -134,9 +134,9 @@ def _labels(labels: Any, rows: int, kind: str, folds: int) -> tuple[np.ndarray, 
     if len(classes) < 2:
         raise InputError(f"the labels hold a single class ({classes[0]!r} if any): a probe needs at least two")
     if counts.min() < folds:
-        rare = classes[counts.argmin()]
+        rare = classes[counts.argmin()].item()
         raise InputError(
-            f"class {rare!r} has {counts.min()} rows; {folds}-fold cross-validation needs at least {folds} of every "
+            f"class {rare!r} has {counts.min()} row{'s' * (counts.min() != 1)}; {folds}-fold cross-validation needs at least {folds} of every "
             f"class (give more rows or fewer folds)"
         )
     return y, classes.tolist()
