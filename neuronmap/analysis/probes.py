@@ -136,7 +136,7 @@ def _labels(labels: Any, rows: int, kind: str, folds: int) -> tuple[np.ndarray, 
     if counts.min() < folds:
         rare = classes[counts.argmin()].item()
         raise InputError(
-            f"class {rare!r} has {counts.min()} row{'s' * (counts.min() != 1)}; {folds}-fold cross-validation needs at least {folds} of every "
+            f"class {rare!r} has {counts.min()} row{'' if counts.min() == 1 else 's'}; {folds}-fold cross-validation needs at least {folds} of every "
             f"class (give more rows or fewer folds)"
         )
     return y, classes.tolist()
