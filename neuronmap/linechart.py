@@ -52,8 +52,10 @@ def line_chart_svg(x: Sequence[Any], series: Mapping[str, Sequence[float]], *, t
         parts.append(f'<text x="{left - 3}" y="{py(value) + 3:.1f}" font-size="10" text-anchor="end">'
                      f"{escape(_tick(value))}</text>")
     for i in _tick_indices(len(labels)):
-        parts.append(f'<text x="{px(positions[i]):.1f}" y="{top + plot_h + 12}" font-size="10" '
-                     f'text-anchor="middle">{escape(_short(labels[i]))}</text>')
+        x_at = px(positions[i])  # labels at the plot's ends grow inwards, so the SVG never cuts them
+        anchor = "start" if x_at - left < 30 else "end" if left + plot_w - x_at < 30 else "middle"
+        parts.append(f'<text x="{x_at:.1f}" y="{top + plot_h + 12}" font-size="10" '
+                     f'text-anchor="{anchor}">{escape(_short(labels[i]))}</text>')
     parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 3}" font-size="10" text-anchor="middle">'
                  f"{escape(x_label)}</text>")
     for label, value in marks.items():

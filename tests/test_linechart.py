@@ -60,3 +60,9 @@ def test_the_figure_has_one_trace_per_series_and_band():
     assert names == [None, "a", "b"]
     assert list(figure.data[1].y) == [1.0, None, 3.0]
     assert figure.layout.shapes[0].y0 == 0.0
+
+
+def test_end_labels_grow_inwards_so_the_svg_does_not_cut_them():
+    svg = line_chart_svg(["embedding", "middle", "last layer"], {"a": [1.0, 2.0, 3.0]})
+    anchors = re.findall(r'text-anchor="(\w+)">(embedding|middle|last layer)</text>', svg)
+    assert anchors == [("start", "embedding"), ("middle", "middle"), ("end", "last layer")]
