@@ -11,8 +11,9 @@ matplotlib` (torch-cka 0.21 imports matplotlib without declaring it).
 CKA (`cka_rounds`): the model is `GPT2Config()`'s defaults (12 layers, d_model 768), random init (seed 0), run once
 over random tokens (rows of 128) with `blocks.*.hook_resid_post` captured (`stop_early`). Timed, in interleaved rounds
 (order rotated each round), on those captured activations, every call producing the 12 × 12 matrix:
-- `nm.analysis.layer_similarity(trace, "blocks.*.hook_resid_post", method="cka")`, from the trace (its float64
-  matrices included), and the same with `debiased=True`;
+- `nm.analysis.layer_similarity(trace, "blocks.*.hook_resid_post", method="cka")`, from the trace (`as_matrix`
+  included), its default precision (`dtype=None`: products in the data's own float32, means and sums in float64),
+  the same with `dtype=torch.float64` (exact float64 arithmetic), and the default with `debiased=True`;
 - numpy: Kornblith et al.'s `feature_space_linear_cka` (their Colab's feature-space form: centre both, `|YᵀX|²_F /
   (|XᵀX|_F |YᵀY|_F)`) called for each of the 144 pairs, on the float32 arrays as captured, as a user writes it;
 - torch-cka 0.21: `CKA(model1, model2).compare(loader)` whole, where the two "models" hand each layer's rows of a
@@ -20,19 +21,22 @@ over random tokens (rows of 128) with `blocks.*.hook_resid_post` captured (`stop
   DataLoader of the same token rows (batch `--cka-batch`, not shuffled). It computes minibatch CKA (the mean
   unbiased HSIC of the batches, Nguyen et al. 2021) with n×n Gram matrices in float32. Its "arithmetic" is that
   minus the same loop over the loader and the two forwards without the CKA (timed in the same round).
-Ratios are medians over rounds of (reference wall time / NeuronMap's biased CKA wall time) in the same round.
-Values: NeuronMap's matrix against numpy's; torch-cka's against `nm.analysis.minibatch_cka` with the same batch
-size (the same estimator) on row 0's 12 pairs, and against NeuronMap's full debiased CKA.
+Ratios are medians over rounds of (that call's wall time / NeuronMap's default biased CKA's) in the same round.
+Values: NeuronMap's default matrix against its float64 one and against numpy's; torch-cka's against
+`nm.analysis.minibatch_cka` with the same batch size (the same estimator) on row 0's 12 pairs, and against
+NeuronMap's full debiased CKA.
 
 PCA (`pca_memory`): a 2-layer GPT-2 (d_model 768, seed 0) is extracted into float16 stores of increasing size (hooks
 `blocks.0/1.hook_resid_post`, kept in `--out-dir` for reruns). Each measurement runs in its own child process
 (`--pca-repeats` per call and size, order rotated): the resident set after imports and opening the store, then the
 call, then the high-water mark (`VmHWM`, which counts torch's, numpy's and HDF5's allocations alike); reported is the
-growth. Calls: NeuronMap's `pca(store, hook, n_components=k)` (streamed), scikit-learn's `PCA(k).fit_transform` of
+growth. Calls: NeuronMap's `pca(store, hook, n_components=k)` (streamed; default precision, float32 products for
+the float16 store, and `dtype=torch.float64`), scikit-learn's `PCA(k).fit_transform` of
 `store[hook][:]` as float32 (the read included), scikit-learn's `IncrementalPCA(k)` fed block by block from the store
 (`partial_fit`, then `transform`; smallest store only, it is slow), and `nm.analysis.minibatch_cka(hook_a, hook_b,
-store=store)` (smallest and largest store). Each child also returns the top explained-variance ratios and
-components, compared with scikit-learn's PCA.
+store=store)` (smallest and largest store). Ratios are medians over repeats of (that call's wall time /
+NeuronMap's default PCA's in the same repeat). Each child also returns the top explained-variance ratios and
+components, compared between NeuronMap's two precisions and with scikit-learn's PCA.
 """
 
 from __future__ import annotations
@@ -137,6 +141,8 @@ def cka_rounds(tokens: int, rounds: int, batch: int, check_pairs: int) -> dict:
     compare, loop_only = torch_cka_parts(stacked, batch)
     calls = {
         "neuronmap": lambda: nm.analysis.layer_similarity(trace, HOOKS, method="cka").to_numpy(),
+        "neuronmap float64":
+            lambda: nm.analysis.layer_similarity(trace, HOOKS, method="cka", dtype=torch.float64).to_numpy(),
         "neuronmap debiased":
             lambda: nm.analysis.layer_similarity(trace, HOOKS, method="cka", debiased=True).to_numpy(),
         "numpy": lambda: numpy_matrix(layers32),
@@ -173,7 +179,10 @@ def cka_rounds(tokens: int, rounds: int, batch: int, check_pairs: int) -> dict:
     ]
     torch_cka = out["torch-cka compare()"]
     agreement = {
+        "neuronmap vs neuronmap float64 (all pairs)":
+            float(np.abs(out["neuronmap"] - out["neuronmap float64"]).max()),
         "neuronmap vs numpy (all pairs)": float(np.abs(out["neuronmap"] - out["numpy"]).max()),
+        "neuronmap float64 vs numpy (all pairs)": float(np.abs(out["neuronmap float64"] - out["numpy"]).max()),
         f"torch-cka vs nm.minibatch_cka(batch_size={batch}) (row 0, {check_pairs} pairs)":
             float(np.abs(torch_cka[0, :check_pairs] - np.array(reference)).max()),
         "torch-cka vs neuronmap debiased (all pairs; different estimator)":
@@ -209,9 +218,8 @@ def child(args: argparse.Namespace) -> dict:
     store = nm.ActivationStore(args.store)
     before = resident()
 
-    def neuronmap_pca():
-        p = nm.analysis.pca(store, hook, n_components=k) if hasattr(nm.analysis, "pca") else _projections().pca(
-            store, hook, n_components=k)
+    def neuronmap_pca(dtype=None):
+        p = nm.analysis.pca(store, hook, n_components=k, dtype=dtype)
         return p.explained_variance_ratio[:k].numpy(), p.components.numpy()
 
     def sklearn_pca():
@@ -231,7 +239,8 @@ def child(args: argparse.Namespace) -> dict:
     def minibatch_cka():
         return nm.analysis.minibatch_cka("blocks.0.hook_resid_post", hook, store=store), None
 
-    call = {"neuronmap pca": neuronmap_pca, "sklearn PCA": sklearn_pca, "sklearn IncrementalPCA": sklearn_incremental,
+    call = {"neuronmap pca": neuronmap_pca, "neuronmap pca float64": lambda: neuronmap_pca(torch.float64),
+            "sklearn PCA": sklearn_pca, "sklearn IncrementalPCA": sklearn_incremental,
             "neuronmap minibatch_cka": minibatch_cka}[args.method]
     wall, cpu, (ratio, components) = timed(call)
     after = resident()
@@ -243,16 +252,13 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def _projections():
-    from neuronmap.analysis import projections
-    return projections
-
-
 def pca_memory(sizes: list[int], components: int, out_dir: Path, threads: int, repeats: int) -> dict:
     """Every call at every store size, `repeats` times (one child process each, the calls' order rotated each
-    repeat): medians of time and peak growth, and of each call's wall time over scikit-learn PCA's in its repeat."""
+    repeat): medians of time and peak growth, and of each call's wall time over NeuronMap's default PCA's in its
+    repeat."""
     results = {}
-    methods = ["neuronmap pca", "sklearn PCA", "sklearn IncrementalPCA", "neuronmap minibatch_cka"]
+    methods = ["neuronmap pca", "neuronmap pca float64", "sklearn PCA", "sklearn IncrementalPCA",
+               "neuronmap minibatch_cka"]
     for size in sizes:
         path, rows = store_of(size, out_dir), size // CONTEXT * CONTEXT
         chosen = [m for m in methods if not (m == "neuronmap minibatch_cka" and size not in (sizes[0], sizes[-1])
@@ -269,24 +275,25 @@ def pca_memory(sizes: list[int], components: int, out_dir: Path, threads: int, r
                 record = json.loads(done.stdout.strip().splitlines()[-1])
                 runs[method].append(record)
                 print(f"    {rows:,} rows, {method}: {record['wall_s']:.1f} s, "
-                      f"peak +{record['peak_growth_mb']:.0f} MB", flush=True)
+                      f"peak +{record['peak_growth_mb']:.0f} MB, load {os.getloadavg()[0]:.1f}", flush=True)
         for method, records in runs.items():
             results.setdefault(method, {})[rows] = {
                 "wall_s": statistics.median(r["wall_s"] for r in records),
                 "cpu_s": statistics.median(r["cpu_s"] for r in records),
                 "peak_growth_mb": statistics.median(r["peak_growth_mb"] for r in records),
                 "peak_growth_mb_all": [round(r["peak_growth_mb"], 1) for r in records],
-                "x_sklearn_pca": statistics.median(
-                    r["wall_s"] / ref["wall_s"] for r, ref in zip(records, runs["sklearn PCA"])),
+                "x_neuronmap": statistics.median(
+                    r["wall_s"] / ref["wall_s"] for r, ref in zip(records, runs["neuronmap pca"])),
                 "rss_before_mb": records[0]["rss_before_mb"], "ratio": records[0]["ratio"],
                 "components": records[0]["components"],
             }
-        ours = results["neuronmap pca"][rows]
-        for reference in ("sklearn PCA", "sklearn IncrementalPCA"):
+        pairs = [("neuronmap pca", "neuronmap pca float64"), ("neuronmap pca", "sklearn PCA"),
+                 ("neuronmap pca float64", "sklearn PCA"), ("neuronmap pca", "sklearn IncrementalPCA")]
+        for ours, reference in pairs:
             theirs = results.get(reference, {}).get(rows)
             if theirs is not None:
-                results.setdefault("agreement", {})[f"{rows:,} rows, neuronmap pca vs {reference}"] = _agreement(
-                    ours, theirs)
+                results.setdefault("agreement", {})[f"{rows:,} rows, {ours} vs {reference}"] = _agreement(
+                    results[ours][rows], theirs)
     for records in results.values():
         for record in records.values():
             record.pop("components", None)
@@ -310,7 +317,8 @@ def markdown(result: dict) -> str:
     if cka:
         lines += [f"### Linear CKA, {cka['layers']} × {cka['layers']} layers, {cka['tokens']:,} tokens, "
                   f"{cka['rounds']} interleaved rounds (torch-cka batch {cka['batch']})", "",
-                  "| call | wall s (median) | CPU s (median) | × NeuronMap's wall time (median of per-round ratios) |",
+                  "| call | wall s (median) | CPU s (median) | × NeuronMap default's wall time (median of per-round "
+                  "ratios) |",
                   "|---|---:|---:|---:|"]
         for key, t in cka["times"].items():
             lines.append(f"| {key} | {t['wall_s']:.2f} | {t['cpu_s']:.2f} | {t['x_neuronmap']:.2f} |")
@@ -321,7 +329,7 @@ def markdown(result: dict) -> str:
     if pca:
         sizes = sorted({int(rows) for method, records in pca.items() if method != "agreement" for rows in records})
         lines += [f"### PCA ({result['components']} components) and minibatch CKA over a store: wall time (CPU; × "
-                  "sklearn PCA's wall time), peak memory growth, medians over child processes", "",
+                  "NeuronMap default PCA's wall time), peak memory growth, medians over child processes", "",
                   "| call | " + " | ".join(f"{rows:,} rows" for rows in sizes) + " |",
                   "|---|" + "---:|" * len(sizes)]
         for method, records in pca.items():
@@ -333,13 +341,13 @@ def markdown(result: dict) -> str:
                 if r is None:
                     cells.append("")
                 else:
-                    cells.append(f"{r['wall_s']:.1f} s (CPU {r['cpu_s']:.1f}; ×{r['x_sklearn_pca']:.2f}), "
+                    cells.append(f"{r['wall_s']:.2f} s (CPU {r['cpu_s']:.2f}; ×{r['x_neuronmap']:.2f}), "
                                  f"+{r['peak_growth_mb']:.0f} MB")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines += ["", "| rows, against | max abs diff of explained-variance ratios | abs cos of each component |",
                   "|---|---:|---|"]
         for key, r in pca.get("agreement", {}).items():
-            lines.append(f"| {key} | {r['ratio_max_abs_diff']:.1e} | {' '.join(f'{c:.4f}' for c in r['abs_cos'])} |")
+            lines.append(f"| {key} | {r['ratio_max_abs_diff']:.1e} | {' '.join(f'{c:.6f}' for c in r['abs_cos'])} |")
     return "\n".join(lines)
 
 
