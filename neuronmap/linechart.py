@@ -4,6 +4,7 @@ variance by component, probe accuracy or lens KL by layer), with optional shaded
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -51,11 +52,14 @@ def line_chart_svg(x: Sequence[Any], series: Mapping[str, Sequence[float]], *, t
     for value in (low, high):
         parts.append(f'<text x="{left - 3}" y="{py(value) + 3:.1f}" font-size="10" text-anchor="end">'
                      f"{escape(_tick(value))}</text>")
-    for i in _tick_indices(len(labels)):
+    ticks = _tick_indices(len(labels))
+    texts = _compact(labels)
+    room = max(6, int(plot_w / max(1, len(ticks) - 1) / 6.5))  # characters between two ticks, at 10px monospace
+    for i in ticks:
         x_at = px(positions[i])  # labels at the plot's ends grow inwards, so the SVG never cuts them
         anchor = "start" if x_at - left < 30 else "end" if left + plot_w - x_at < 30 else "middle"
         parts.append(f'<text x="{x_at:.1f}" y="{top + plot_h + 12}" font-size="10" '
-                     f'text-anchor="{anchor}">{escape(_short(labels[i]))}</text>')
+                     f'text-anchor="{anchor}">{escape(_short(texts[i], room))}</text>')
     parts.append(f'<text x="{left + plot_w / 2:.0f}" y="{height - 3}" font-size="10" text-anchor="middle">'
                  f"{escape(x_label)}</text>")
     for label, value in marks.items():
@@ -158,7 +162,16 @@ def _points(pairs: list[tuple[float, float]]) -> str:
     return " ".join(f"{a:.1f},{b:.1f}" for a, b in pairs)
 
 
-def _short(label: str, limit: int = 14) -> str:
+def _compact(labels: list[str]) -> list[str]:
+    """Tick texts: a prefix every label shares (up to a dot) dropped and hook points' `hook_` left out, so
+    "blocks.0.hook_resid_pre", "blocks.1.hook_resid_post" read "0.resid_pre", "1.resid_post" (tooltips keep the
+    full labels)."""
+    shared = os.path.commonprefix(labels) if len(labels) > 1 else ""
+    cut = shared.rfind(".") + 1
+    return [label[cut:].replace("hook_", "") or label for label in labels]
+
+
+def _short(label: str, limit: int) -> str:
     return label if len(label) <= limit else label[: limit - 1] + "…"
 
 

@@ -66,3 +66,11 @@ def test_end_labels_grow_inwards_so_the_svg_does_not_cut_them():
     svg = line_chart_svg(["embedding", "middle", "last layer"], {"a": [1.0, 2.0, 3.0]})
     anchors = re.findall(r'text-anchor="(\w+)">(embedding|middle|last layer)</text>', svg)
     assert anchors == [("start", "embedding"), ("middle", "middle"), ("end", "last layer")]
+
+
+def test_hook_names_are_compacted_on_the_axis_and_kept_whole_in_tooltips():
+    hooks = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_mid", "blocks.1.hook_resid_post"]
+    svg = line_chart_svg(hooks, {"accuracy": [0.5, 0.8, 1.0]})
+    ticks = re.findall(r'text-anchor="\w+">([^<]*)</text>', svg)
+    assert ["0.resid_pre", "0.resid_mid", "1.resid_post"] == [t for t in ticks if "resid" in t]
+    assert [tip.split(" at ")[1].split(":")[0] for _, _, tip in _circles(svg)] == hooks
