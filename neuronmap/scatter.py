@@ -75,7 +75,7 @@ def scatter_svg(points: Any, *, colours_by: Sequence[Any] | None = None, hover: 
         if colouring is not None:
             tip += f" {colouring.describe(i)}"
         if hover is not None:
-            tip += f"\n{_cut(hover[i])}"
+            tip += f"\n{_cut(str(hover[i]))}"
         parts.append(f'<circle cx="{px(xy[i, 0]):.1f}" cy="{py(xy[i, 1]):.1f}" r="{radius}" '
                      f'fill="{colouring.fill(i) if colouring else PALETTE[0]}" fill-opacity="0.8" stroke="#444" '
                      f'stroke-width="0.3"><title>{escape(tip)}</title></circle>')
@@ -100,7 +100,7 @@ def scatter_figure(points: Any, *, colours_by: Sequence[Any] | None = None, hove
     colouring = _colouring(colours_by, n)
     hover = _hover(hover, n)
     shown = _subsample(n, max_points, seed)
-    texts = [escape(_cut(hover[i])) if hover is not None else f"row {i}" for i in range(n)]
+    texts = {int(i): escape(_cut(str(hover[i]))) if hover is not None else f"row {i}" for i in shown}
     three = xyz.shape[1] == 3
     trace_type = go.Scatter3d if three else go.Scatter
 
@@ -214,10 +214,10 @@ def _points(points: Any, columns: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _hover(hover: Sequence[str] | None, n: int) -> list[str] | None:
+def _hover(hover: Sequence[str] | None, n: int) -> Sequence[str] | None:
+    """`hover` checked for one text per point; only the drawn points' texts are read (it may compute them lazily)."""
     if hover is None:
         return None
-    hover = [str(h) for h in hover]
     if len(hover) != n:
         raise InputError(f"hover needs one text per point ({n}), got {len(hover)}")
     return hover

@@ -65,7 +65,9 @@ def test_each_row_has_its_token_in_context(model, tmp_path):
     assert contexts[len(trace.str_tokens[0]) + 3] == f"…{second[1]}{second[2]}[{second[3]}]{second[4]}{second[5]}…"
     assert ids.tolist() == [i for row, m in zip(trace.tokens, trace.attention_mask) for i in row[m.bool()].tolist()]
     store = nm.extract(model, prompts, HOOK, tmp_path / "s.h5", progress=False, dtype=torch.float32)
-    assert token_contexts(store, HOOK, window=2) == contexts
+    lazy = token_contexts(store, HOOK, window=2)  # made row by row as they are read
+    assert len(lazy) == len(contexts) and list(lazy) == contexts and lazy[-1] == contexts[-1]
+    assert lazy[3:6] == contexts[3:6]
     assert torch.equal(row_tokens(store, HOOK), ids)
     assert token_contexts(torch.zeros(3, 2)) is None and row_tokens(store[HOOK]) is None
     last = model.run(prompts, capture=[HOOK], capture_positions="last")

@@ -123,7 +123,7 @@ def test_a_store_view_with_nan_is_refused_naming_the_count(tmp_path):
 def test_a_store_gives_each_row_its_token_in_context_and_escapes_it(store):
     projection = pca(store, "blocks.1.hook_resid_post")
     contexts = nm.analysis.activations.token_contexts(store)
-    assert projection.hover == contexts and len(contexts) == len(store)
+    assert list(projection.hover) == list(contexts) and len(contexts) == len(store)
     page = projection._repr_html_()
     assert "showing" not in page  # 192 rows: all drawn
     assert page.count("<circle") >= len(store)

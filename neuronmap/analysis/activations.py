@@ -8,6 +8,7 @@ whole (up to a memory limit), so methods that stream take the store itself inste
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -122,22 +123,38 @@ def row_tokens(source: Any, hook: str | None = None) -> torch.Tensor | None:
     return None
 
 
-def token_contexts(source: Any, hook: str | None = None, *, window: int = 4) -> list[str] | None:
+def token_contexts(source: Any, hook: str | None = None, *, window: int = 4) -> Sequence[str] | None:
     """Each row of `as_matrix(source, hook)` as its token in context, "…up to `window` tokens[token]the next two…"
-    (for hover text and cluster listings), or None when the source does not say which token a row is."""
+    (for hover text and cluster listings), or None when the source does not say which token a row is. A store's
+    contexts are made when a row is read (views draw a few thousand of millions)."""
     if isinstance(source, Trace):
         if not _one_row_per_token(source, hook):
             return None
         return [_context(tokens, i, window) for tokens in source.str_tokens for i in range(len(tokens))]
     if hasattr(source, "tokens") and hasattr(source, "batches"):
-        vocabulary, ids = source.vocabulary, source.tokens.numpy()
-        starts = source.documents.numpy()
-        contexts = []
-        for document in range(len(starts) - 1):
-            tokens = [vocabulary[int(i)] for i in ids[starts[document] : starts[document + 1]]]
-            contexts.extend(_context(tokens, i, window) for i in range(len(tokens)))
-        return contexts
+        return _StoreContexts(source, window)
     return None
+
+
+class _StoreContexts(Sequence):
+    """A store's rows as tokens in context, each made from the store's tokens and document offsets when read."""
+
+    def __init__(self, store: Any, window: int):
+        self._vocabulary, self._ids = store.vocabulary, store.tokens.numpy()
+        self._starts, self._window = store.documents.numpy(), window
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, row: Any) -> Any:
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        row = range(len(self))[int(row)]  # negative rows count from the end; out of range raises IndexError
+        document = int(np.searchsorted(self._starts, row, side="right")) - 1
+        start, stop = int(self._starts[document]), int(self._starts[document + 1])
+        first, last = max(start, row - self._window), min(stop, row + 3)
+        tokens = [self._vocabulary[int(i)] for i in self._ids[first:last]]
+        return _context(tokens, row - first, self._window, before=first > start, after=last < stop)
 
 
 def _one_row_per_token(trace: Trace, hook: str | None) -> bool:
@@ -149,7 +166,11 @@ def _one_row_per_token(trace: Trace, hook: str | None) -> bool:
     return mask is not None and values.dim() >= 2 and tuple(values.shape[:2]) == tuple(mask.shape)
 
 
-def _context(tokens: list[str], i: int, window: int) -> str:
+def _context(tokens: list[str], i: int, window: int, *, before: bool | None = None, after: bool | None = None) -> str:
+    """Token `i` of `tokens` in brackets with up to `window` tokens before it and two after, "…" where the text goes
+    on (`before`/`after` say so when `tokens` is itself a cut of the text)."""
     left = "".join(tokens[max(0, i - window) : i])
     right = "".join(tokens[i + 1 : i + 3])
-    return f"{'…' if i > window else ''}{left}[{tokens[i]}]{right}{'…' if i + 3 < len(tokens) else ''}"
+    before = i > window if before is None else before
+    after = i + 3 < len(tokens) if after is None else after
+    return f"{'…' if before else ''}{left}[{tokens[i]}]{right}{'…' if after else ''}"

@@ -5,6 +5,7 @@ was chosen, and the dendrogram (its top merges) for agglomerative clustering."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -37,7 +38,7 @@ class Clusters(Renders):
     (agglomerative), `.coordinates` the rows' first two principal components (the scatter's axes)."""
 
     def __init__(self, labels: np.ndarray, method: str, *, silhouette: float, calinski_harabasz: float,
-                 coordinates: torch.Tensor, summaries: list[ClusterSummary], hover: list[str] | None = None,
+                 coordinates: torch.Tensor, summaries: list[ClusterSummary], hover: Sequence[str] | None = None,
                  silhouette_by_k: dict[int, float] | None = None, linkage: np.ndarray | None = None):
         self.labels, self.method = labels, method
         self.silhouette, self.calinski_harabasz = silhouette, calinski_harabasz

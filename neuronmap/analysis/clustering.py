@@ -112,7 +112,7 @@ def _result(source: Any, hook: str | None, x: np.ndarray, labels: np.ndarray, me
 
 
 def _summaries(x: np.ndarray, labels: np.ndarray, tokens: list[str] | None,
-               contexts: list[str] | None) -> list[ClusterSummary]:
+               contexts: Sequence[str] | None) -> list[ClusterSummary]:
     """Each cluster's size, most frequent tokens (with counts) and the rows nearest its centre (in context)."""
     out = []
     for cluster in sorted(np.unique(labels), key=lambda c: (c < 0, c)):  # noise (-1) last

@@ -4,6 +4,7 @@ dimensionality."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ class Projection(Renders):
     `.dimensions_for(fraction)` and `.transform(x)`."""
 
     def __init__(self, coordinates: torch.Tensor, method: str, *, labels: np.ndarray | None = None,
-                 hover: list[str] | None = None, components: torch.Tensor | None = None,
+                 hover: Sequence[str] | None = None, components: torch.Tensor | None = None,
                  mean: torch.Tensor | None = None, eigenvalues: torch.Tensor | None = None):
         self.coordinates, self.method, self.labels = coordinates, method, labels
         self.hover = hover if hover is not None and len(hover) == len(coordinates) else None

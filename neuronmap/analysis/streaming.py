@@ -43,10 +43,7 @@ def row_blocks(source: Any, hook: str | None, batch_size: int, *, dtype: torch.d
     for start in range(0, n, batch_size):
         array = view.read(start, min(start + batch_size, n))
         block = buffer[: len(array)] if reuse else torch.empty(len(array), features_of(view), dtype=dtype)
-        if array.dtype.kind == "f":  # numpy widens float16 several times faster than torch does
-            np.copyto(block.numpy(), array.reshape(len(array), -1))
-        else:  # bfloat16, stored as its bits
-            block.copy_(view.to_torch(array).flatten(1))
+        block.copy_(view.to_torch(array).flatten(1))  # torch widens float16 tens of times faster than numpy
         if not bool(torch.isfinite(torch.mv(block.T, torch.ones(len(block), dtype=dtype))).all()):
             bad = int((~torch.isfinite(block)).sum())  # NaN or inf anywhere reaches its column's sum
             raise InputError(f"rows {start:,} to {start + len(block):,} of {view.hook!r} hold {bad:,} NaN or infinite "
