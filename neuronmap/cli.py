@@ -70,8 +70,90 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("--no-progress", action="store_true", help="no progress bar")
     extract.add_argument("--debug", action="store_true", help="show tracebacks")
     extract.set_defaults(run=_extract)
+    _zoo_parser(commands)
+    hooks = commands.add_parser(
+        "hooks", help="list a model's hook points with their shapes for a sample input",
+        description="Run MODEL once on a sample input and list every hook point with the shape it has there.",
+    )
+    hooks.add_argument("model", help="zoo name, local directory or hub id")
+    hooks.add_argument("--input", default="When Mary and John went to the store, John gave a drink to",
+                       help="the sample text (default: an IOI sentence)")
+    hooks.add_argument("--debug", action="store_true", help="show tracebacks")
+    hooks.set_defaults(run=_hooks)
     parser.set_defaults(debug=False)
     return parser
+
+
+def _zoo_parser(commands: argparse._SubParsersAction) -> None:
+    from .zoo.train import add_arguments
+
+    zoo = commands.add_parser("zoo", help="the model zoo: list it, show a card, retrain an entry",
+                              description="The zoo's small trained models and SAEs, shipped in the package.")
+    actions = zoo.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="every zoo entry with its task, size and measured mechanisms",
+                                 description="List every zoo entry with its task, size and measured mechanisms.")
+    card = actions.add_parser("card", help="a trained entry's card (JSON), as its recipe measured it",
+                              description="Print a trained zoo model's or SAE's card as JSON.")
+    card.add_argument("name", help="a zoo model or SAE, e.g. ioi or ioi-resid0")
+    train = actions.add_parser("train", help="retrain an entry from its recipe into a new directory",
+                               description="Retrain a zoo model or SAE from its recipe (into ./NAME-retrained by "
+                               "default; the shipped copy only with --replace-shipped).")
+    add_arguments(train)
+    for action, run in ((listing, _zoo_list), (card, _zoo_card), (train, _zoo_train)):
+        action.add_argument("--debug", action="store_true", help="show tracebacks")
+        action.set_defaults(run=run)
+
+
+def _zoo_list(arguments: argparse.Namespace) -> int:
+    from . import zoo
+
+    rows = [("name", "architecture", "parameters", "task", "mechanisms")]
+    for entry in zoo.list():
+        task = _cut(entry.task, 60) + ("" if entry.available else " (needs an extra)")
+        found = f"{len(entry.mechanisms)} measured" if entry.mechanisms else ""
+        rows.append((entry.name, entry.architecture, f"{entry.parameters:,}" if entry.parameters else "?", task, found))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print("each trained entry's card: neuronmap zoo card NAME")
+    return 0
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _zoo_card(arguments: argparse.Namespace) -> int:
+    import json
+
+    from . import zoo
+
+    print(json.dumps(zoo.card(arguments.name), indent=2))
+    return 0
+
+
+def _zoo_train(arguments: argparse.Namespace) -> int:
+    from .zoo.train import retrain
+
+    retrain(arguments.name, out=arguments.out, replace_shipped=arguments.replace_shipped, quick=arguments.quick,
+            seed=arguments.seed)
+    return 0
+
+
+def _hooks(arguments: argparse.Namespace) -> int:
+    import transformers
+
+    from . import load
+
+    transformers.logging.disable_progress_bar()
+    model = load(arguments.model)
+    trace = model.run(arguments.input, capture=model.hook_names)
+    tokens = len(trace.tokens[0])
+    print(f"{model.name}: {len(model.hook_names)} hook points; shapes for one input of {tokens} tokens")
+    width = max(len(name) for name in model.hook_names)
+    for name in model.hook_names:
+        print(f"{name.ljust(width)}  {list(trace[name].shape) if name in trace else 'not reached'}")
+    return 0
 
 
 def _positions(text: str):
