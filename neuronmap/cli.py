@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="the sample text (default: an IOI sentence)")
     hooks.add_argument("--debug", action="store_true", help="show tracebacks")
     hooks.set_defaults(run=_hooks)
+    _report_parser(commands)
     parser.set_defaults(debug=False)
     return parser
 
@@ -153,6 +154,38 @@ def _hooks(arguments: argparse.Namespace) -> int:
     width = max(len(name) for name in model.hook_names)
     for name in model.hook_names:
         print(f"{name.ljust(width)}  {list(trace[name].shape) if name in trace else 'not reached'}")
+    return 0
+
+
+def _report_parser(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report", help="run a report template notebook and write it as one standalone HTML page",
+        description="Run a report template from notebooks/ with papermill (on this Python) and write one HTML page "
+        "that renders offline. A failing cell exits with status 1 naming the cell, and keeps the executed notebook "
+        "at OUTPUT.partial.ipynb. `--list` shows the templates and their parameters.",
+    )
+    report.add_argument("template", nargs="?", help="the template's name, e.g. model_overview")
+    report.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
+                        help="a template parameter, read with the type of its default (lists as JSON); repeat for more")
+    report.add_argument("-o", "--output", metavar="PATH", help="the HTML file to write (default: TEMPLATE.html)")
+    report.add_argument("--list", action="store_true", help="list the templates and their parameters")
+    report.add_argument("--debug", action="store_true", help="show tracebacks")
+    report.set_defaults(run=_report)
+
+
+def _report(arguments: argparse.Namespace) -> int:
+    from . import reports
+
+    if arguments.list:
+        print(reports.describe())
+        return 0
+    if arguments.template is None:
+        raise NeuronMapError(f"name a template ({', '.join(reports.templates())}) or pass --list")
+    parameters = reports.parse_parameters(arguments.template, arguments.parameter)
+    output = arguments.output or f"{arguments.template}.html"
+    started = time.perf_counter()
+    written = reports.run_report(arguments.template, output, parameters)
+    print(f"wrote {written} ({os.path.getsize(written) / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return 0
 
 
