@@ -174,6 +174,12 @@ def _report_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _report(arguments: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [name for name in ("papermill", "nbconvert", "ipykernel") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise NeuronMapError(f"neuronmap report needs papermill, nbconvert and ipykernel ({', '.join(missing)} not "
+                             "installed): pip install 'neuronmap[notebook]'")
     from . import reports
 
     if arguments.list:

@@ -87,6 +87,7 @@ def run_report(template: str, output: str | os.PathLike, parameters: Mapping[str
     """
     import nbformat
     import papermill
+    from nbclient.exceptions import CellTimeoutError, DeadKernelError
 
     source = templates_dir() / f"{_template_name(template)}.ipynb"
     output = Path(output)
@@ -101,9 +102,12 @@ def run_report(template: str, output: str | os.PathLike, parameters: Mapping[str
                 cwd=folder, progress_bar=False, execution_timeout=CELL_TIMEOUT_S, report_mode=False,
             )
         except papermill.PapermillExecutionError as error:
-            if executed.exists():
-                os.replace(executed, partial)
+            _keep_partial(executed, partial)
             raise ReportError(_failure(error, partial)) from None
+        except (CellTimeoutError, DeadKernelError) as error:
+            _keep_partial(executed, partial)
+            raise ReportError(f"{type(error).__name__}: {str(error).strip().splitlines()[0]} — the notebook run up to "
+                              f"it is kept at {partial}") from None
         notebook = nbformat.read(executed, as_version=4)
     page = export_html(notebook, title=f"{template} report")
     temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
@@ -188,7 +192,7 @@ def _typed(name: str, text: str, default: Any) -> Any:
             return float(value)
         if type(value) is expected:
             return value
-    raise InputError(f"parameter {name!r} takes a {expected.__name__} (default {default!r}), got {text!r}")
+    raise InputError(f"parameter {name!r} must be of type {expected.__name__} (its default is {default!r}), got {text!r}")
 
 
 _INVALID = object()
@@ -205,28 +209,42 @@ def _json_or_literal(text: str) -> Any:
         return _INVALID
 
 
+def _keep_partial(executed: Path, partial: Path) -> None:
+    """The executed notebook at `partial`, without the banner cells papermill inserts, so cell numbers match."""
+    import nbformat
+
+    if not executed.exists():
+        return
+    notebook = nbformat.read(executed, as_version=4)
+    notebook.cells = [cell for cell in notebook.cells if "papermill-error-cell-tag" not in cell.metadata.get("tags", [])]
+    nbformat.write(notebook, executed)
+    os.replace(executed, partial)
+
+
 def _failure(error: Any, partial: Path) -> str:
     first_line = next((line for line in (error.source or "").splitlines() if line.strip()), "")
     message = (str(error.evalue).splitlines() or [""])[0]
-    return (f"cell {error.cell_index} failed ({first_line.strip()!r}): {error.ename}: {message} — the partial "
-            f"notebook is {partial}")
+    return (f"cell {error.cell_index} failed ({first_line.strip()!r}): {error.ename}: {message} — the notebook run up "
+            f"to it is kept at {partial}")
 
 
 @contextlib.contextmanager
 def _kernel(folder: Path) -> Iterator[None]:
-    """A kernelspec `KERNEL_NAME` running this interpreter (`sys.executable`), found through JUPYTER_PATH for the block; the kernel's
-    IPython folder and the connection files are in `folder`, and the kernel shows static views (no widgets)."""
+    """A kernelspec `KERNEL_NAME` running this interpreter (`sys.executable`), found through JUPYTER_PATH for the
+    block; IPython's folder and the kernel's connection files are in `folder` (nothing lands in the user's home), and
+    the kernel shows static views (no widgets)."""
     from ipykernel.kernelspec import write_kernel_spec
 
     spec = folder / "jupyter" / "kernels" / KERNEL_NAME
     write_kernel_spec(str(spec), overrides={
         "display_name": KERNEL_NAME,
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=ERROR"],
-        "env": {"IPYTHONDIR": str(folder / "ipython"), "NEURONMAP_WIDGETS": "0", "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"],
+        "env": {"NEURONMAP_WIDGETS": "0", "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
     })
     paths = os.pathsep.join(p for p in (str(folder / "jupyter"), os.environ.get("JUPYTER_PATH", "")) if p)
-    saved = {key: os.environ.get(key) for key in ("JUPYTER_PATH", "JUPYTER_RUNTIME_DIR")}
-    os.environ.update({"JUPYTER_PATH": paths, "JUPYTER_RUNTIME_DIR": str(folder / "runtime")})
+    values = {"JUPYTER_PATH": paths, "JUPYTER_RUNTIME_DIR": str(folder / "runtime"), "IPYTHONDIR": str(folder / "ipython")}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:

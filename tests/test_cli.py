@@ -13,7 +13,7 @@ import neuronmap as nm
 from neuronmap import zoo
 from neuronmap.cli import main
 
-COMMANDS = [[], ["extract"], ["zoo"], ["zoo", "list"], ["zoo", "card"], ["zoo", "train"], ["hooks"]]
+COMMANDS = [[], ["extract"], ["zoo"], ["zoo", "list"], ["zoo", "card"], ["zoo", "train"], ["hooks"], ["report"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "neuronmap")

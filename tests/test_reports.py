@@ -1,0 +1,309 @@
+"""`neuronmap report`: the templates in notebooks/ run through the real CLI on induction-2l and give one HTML page
+whose DOM in Chromium, with every network request refused, holds the views the library computes for the same
+inputs; prompts stay text; bad input is one line on stderr with status 1 and no file at the output path; a failing
+cell is named and its notebook kept; the templates ship in the wheel and run from it."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import neuronmap as nm
+from neuronmap import reports
+from neuronmap.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
+XSS = "<script>window.pwned=1</script>"
+PROMPT = "the cat sat on the mat"
+
+
+def _declared(notebook: Path) -> dict[str, object]:
+    """The template's parameters read straight from its `parameters` cell: name → default literal."""
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    source = "".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"])
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body if isinstance(node, ast.Assign)}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("neuronmap report: error: "), err
+    return err.strip()
+
+
+# ---- fast: the templates, --list, parameters, bad input that is caught before a kernel starts ------------------
+
+
+def test_the_templates_are_notebooks_with_a_parameters_cell_and_no_outputs():
+    assert [path.stem for path in TEMPLATES] == ["attention", "model_overview"]
+    for path in TEMPLATES:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        assert _declared(path), path
+        assert all(not cell.get("outputs") for cell in cells if cell["cell_type"] == "code"), f"{path.name} has outputs"
+        assert sum(cell["cell_type"] == "markdown" for cell in cells) >= 3, f"{path.name} has too little prose"
+
+
+def test_the_checkout_finds_its_templates():
+    assert reports.templates_dir() == ROOT / "notebooks"
+
+
+def test_list_names_every_template_with_its_parameters_and_defaults(capsys):
+    assert main(["report", "--list"]) == 0
+    out = capsys.readouterr().out
+    blocks = re.split(r"^(?=\S)", out, flags=re.MULTILINE)
+    listed = {block.splitlines()[0]: block for block in blocks if block.strip()}
+    assert sorted(listed) == [path.stem for path in TEMPLATES]
+    for path in TEMPLATES:
+        lines = listed[path.stem].splitlines()[1:]
+        declared = _declared(path)
+        assert [line.split()[1].split("=")[0] for line in lines] == list(declared)
+        for line, (name, default) in zip(lines, declared.items()):
+            assert f"({type(default).__name__}, default " in line
+            shown = line.split(", default ", 1)[1].rsplit(")", 1)[0]
+            assert (json.loads(shown) if isinstance(default, (str, list)) else ast.literal_eval(shown)) == default
+
+
+@pytest.mark.parametrize(
+    ("pair", "expected"),
+    [
+        ("score_batch=3", 3),
+        ("prompt=1 + 1", "1 + 1"),
+        ("prompt=", ""),
+        ("model=a=b", "a=b"),
+    ],
+)
+def test_parameters_are_read_with_the_type_of_their_default(pair, expected):
+    name = pair.split("=")[0]
+    assert reports.parse_parameters("model_overview", [pair]) == {name: expected}
+
+
+@pytest.mark.parametrize("text", ['["a", "b"]', "['a', 'b']"])
+def test_a_list_parameter_is_json_or_a_python_literal(text):
+    assert reports.parse_parameters("attention", [f"prompts={text}"]) == {"prompts": ["a", "b"]}
+
+
+def test_bool_and_float_parameters_follow_their_defaults():
+    assert [reports._typed("x", text, False) for text in ("true", "False", "1", "no")] == [True, False, True, False]
+    assert reports._typed("x", "2", 0.5) == 2.0 and isinstance(reports._typed("x", "2", 0.5), float)
+    with pytest.raises(nm.InputError, match="must be of type bool"):
+        reports._typed("x", "maybe", False)
+    with pytest.raises(nm.InputError, match="must be of type float"):
+        reports._typed("x", "[1]", 0.5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "model_overvue"], "unknown report template 'model_overvue'; templates: attention, model_overview"),
+        (["report", "model_overview", "-p", "layers=2"],
+         "template 'model_overview' has no parameter 'layers'; its parameters: model, prompt, score_batch"),
+        (["report", "model_overview", "-p", "score_batch=eight"],
+         "parameter 'score_batch' must be of type int (its default is 8), got 'eight'"),
+        (["report", "model_overview", "-p", "score_batch=2.5"], "parameter 'score_batch' must be of type int"),
+        (["report", "attention", "-p", "prompts=just one"], "parameter 'prompts' must be of type list"),
+        (["report", "attention", "-p", "prompts"], "parameter 'prompts' is not key=value"),
+        (["report"], "name a template (attention, model_overview) or pass --list"),
+    ],
+    ids=["template", "undeclared", "int", "int-not-float", "list", "no-value", "no-template"],
+)
+def test_bad_input_is_one_line_with_status_1_and_nothing_written(argv, message, capsys, tmp_path):
+    out = tmp_path / "report.html"
+    assert main([*argv, "-o", str(out)]) == 1
+    assert _one_error_line(capsys).startswith(f"neuronmap report: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_in_a_missing_folder_is_refused_before_running(capsys, tmp_path):
+    out = tmp_path / "missing" / "report.html"
+    assert main(["report", "model_overview", "-o", str(out)]) == 1
+    assert _one_error_line(capsys) == f"neuronmap report: error: the output's folder {str(out.parent)!r} does not exist"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_has_help(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["report", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: neuronmap report") and "--list" in out and "KEY=VALUE" in out
+
+
+def test_importing_neuronmap_does_not_import_the_report_machinery():
+    code = "import sys, neuronmap; print([m for m in ('neuronmap.reports', 'papermill', 'nbconvert') if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# ---- slow: real runs through the CLI ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Both templates run once by the CLI on induction-2l with small parameters: {template: (html path, seconds)}."""
+    folder = tmp_path_factory.mktemp("reports")
+    runs = {
+        "model_overview": ["-p", "model=induction-2l", "-p", f"prompt={PROMPT} {XSS}", "-p", "score_batch=2"],
+        "attention": ["-p", "model=induction-2l", "-p", f"prompts={json.dumps([PROMPT, XSS, 'a b c a b c'])}"],
+    }
+    done = {}
+    for template, parameters in runs.items():
+        out = folder / f"{template}.html"
+        started = time.perf_counter()
+        assert main(["report", template, *parameters, "-o", str(out)]) == 0
+        done[template] = (out, time.perf_counter() - started)
+    return done
+
+
+@pytest.mark.slow
+def test_reports_are_single_offline_files(built):
+    for template, (path, seconds) in built.items():
+        html = path.read_text(encoding="utf-8")
+        print(f"{template}: {seconds:.1f} s, {len(html.encode()) / 1e6:.2f} MB")
+        assert not re.search(r"<script[^>]+\bsrc=", html), f"{template} loads a script"
+        assert not re.search(r"<link[^>]+href=[\"']?https?:", html), f"{template} loads a stylesheet"
+        assert "require.js" not in html and "MathJax.Hub" not in html and "widget-view+json" not in html
+        assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name)) == [path.name]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_model_overview_shows_every_section_offline(built, page):
+    page.goto(built["model_overview"][0].as_uri())
+    page.wait_for_selector(".nm-attn[data-ready]", timeout=15_000)
+    model = nm.load("induction-2l")
+    prompt = f"{PROMPT} {XSS}"
+
+    # parameters: the total is the model's own count
+    tables = page.locator(".nm-table")
+    captions = [c.strip() for c in page.locator(".nm-table .nm-caption").all_inner_texts()]
+    total = sum(p.numel() for p in model.module.parameters())
+    assert f"{total:,} parameters in induction-2l" in captions
+
+    # hook points: every name, with the shape one run on the prompt gives
+    trace = model.run(prompt, capture=model.hook_names)
+    hook_table = tables.filter(has_text="hook points; shapes for one prompt")
+    rows = hook_table.locator("tbody tr").all_inner_texts()
+    assert [row.split("\t")[0] for row in rows] == model.hook_names
+    shapes = {row.split("\t")[0]: row.split("\t")[1] for row in rows}
+    assert all(shapes[name] == str(list(trace[name].shape)) for name in model.hook_names)
+
+    # head scores: six heatmaps, one per score, each with the values the library gives for the same input
+    patterns = nm.attention(model, nm.repeated_random_tokens(model, batch=2))
+    heatmaps = page.locator(".nm-heatmap")
+    assert heatmaps.count() == len(nm.SCORES) == 6
+    titles = heatmaps.locator(".nm-hm-title").all_inner_texts()
+    for kind, title in zip(nm.SCORES, titles):
+        assert title.startswith(f"{kind} score per head — induction-2l"), title
+        layer, head, value = patterns.head_scores(kind).top(1)[0]
+        assert page.get_by_text(f"Highest {kind.replace('_', '-')} score: head {layer}.{head} ({value:.2f}).").count() == 1
+
+    # attention: the viewer rendered, with one token per prompt token
+    tokens = model.to_str_tokens(prompt)
+    assert page.locator(".nm-attn .nm-token").count() == len(tokens)
+    assert "<unk>" in page.locator(".nm-attn .nm-token").all_inner_texts()
+
+    # logit lens: a layer × position grid; its last row's top tokens are the model's own next-token predictions
+    lens = page.locator(".nm-lens")
+    assert lens.count() == 1
+    grid_rows = lens.locator("tbody tr")
+    assert grid_rows.count() == 3  # embed, 0, 1
+    with torch.no_grad():
+        predicted = model.module(**model.tokenizer(prompt, return_tensors="pt")).logits[0].argmax(-1)
+    last = grid_rows.nth(2).locator("td").all_inner_texts()
+    assert [cell.strip() for cell in last] == [t.strip() for t in model.to_str_tokens(predicted)]
+
+    # the prompt stays text; nothing left the machine; no script error
+    assert page.evaluate("window.pwned") is None
+    assert XSS in page.locator("body").inner_text()
+    assert page.errors == [] and page.external_requests == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_attention_report_shows_the_prompts_views_and_scores_offline(built, page):
+    page.goto(built["attention"][0].as_uri())
+    page.wait_for_selector(".nm-attn[data-ready]", timeout=15_000)
+    model = nm.load("induction-2l")
+    prompts = [PROMPT, XSS, "a b c a b c"]
+    prompt_rows = page.locator(".nm-table", has_text="3 prompts").locator("tbody tr").all_inner_texts()
+    assert [row.split("\t", 1)[1] for row in prompt_rows] == prompts
+    assert page.locator(".nm-attn").count() == 1
+    patterns = nm.attention(model, prompts)
+    titles = page.locator(".nm-heatmap .nm-hm-title").all_inner_texts()
+    assert [title.split(" score per head")[0] for title in titles] == list(nm.SCORES)
+    for kind in nm.SCORES:
+        layer, head, value = patterns.head_scores(kind).top(1)[0]
+        assert page.get_by_text(f"Highest {kind.replace('_', '-')} score: head {layer}.{head} ({value:.2f}).").count() == 1
+    assert page.evaluate("window.pwned") is None
+    assert page.errors == [] and page.external_requests == []
+
+
+@pytest.mark.slow
+def test_a_failing_cell_is_named_and_its_notebook_kept(capsys, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["report", "attention", "-p", "prompts=[]", "-o", str(out)]) == 1
+    err = _one_error_line(capsys)
+    partial = tmp_path / "report.html.partial.ipynb"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
+    cells = json.loads(partial.read_text(encoding="utf-8"))["cells"]
+    failed = [i for i, cell in enumerate(cells) if any(o["output_type"] == "error" for o in cell.get("outputs", []))]
+    assert len(failed) == 1
+    first_line = "".join(cells[failed[0]]["source"]).splitlines()[0]
+    assert err.startswith(f"neuronmap report: error: cell {failed[0]} failed ({first_line!r}): ValueError: prompts must")
+    assert err.endswith(f"kept at {partial}")
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_loaded_is_one_line_and_no_html(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "report.html"
+    missing = tmp_path / "no-such-model"
+    assert main(["report", "model_overview", "-p", f"model={missing}", "-o", str(out)]) == 1
+    err = _one_error_line(capsys)
+    assert "LoadError: directory" in err and str(missing) in err
+    assert not out.exists() and (tmp_path / "report.html.partial.ipynb").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_run_leaves_an_earlier_report_whole(capsys, tmp_path):
+    out = tmp_path / "report.html"
+    out.write_text("<html>earlier</html>")
+    assert main(["report", "attention", "-p", "prompts=[]", "-o", str(out)]) == 1
+    assert out.read_text() == "<html>earlier</html>"
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_templates_and_runs_a_report_writing_nothing_into_home(installed_wheel, tmp_path):
+    shipped = sorted(path.name for path in (installed_wheel / "neuronmap" / "notebooks").glob("*.ipynb"))
+    assert shipped == [path.name for path in TEMPLATES]
+    for path in TEMPLATES:
+        assert (installed_wheel / "neuronmap" / "notebooks" / path.name).read_bytes() == path.read_bytes()
+    record = next(installed_wheel.glob("neuronmap-*.dist-info/RECORD")).read_text()
+    assert "neuronmap/notebooks/model_overview.ipynb" in record and "neuronmap/reports.py" in record
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PYTHONPATH": str(installed_wheel), "PATH": os.environ["PATH"], "HOME": str(home), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    where = subprocess.run([sys.executable, "-c", "from neuronmap import reports; print(reports.templates_dir())"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert where.stdout.strip() == str(installed_wheel / "neuronmap" / "notebooks"), where.stderr[-2000:]
+    out = tmp_path / "overview.html"
+    result = subprocess.run(
+        [sys.executable, "-m", "neuronmap", "report", "model_overview", "-p", "model=induction-2l", "-o", str(out)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(f"wrote {out} (") and result.stderr == ""
+    html = out.read_text(encoding="utf-8")
+    assert html.count('class="nm-heatmap"') == 6 and 'class="nm-lens"' in html and "hook points; shapes" in html
+    assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
