@@ -307,3 +307,23 @@ def test_the_wheel_ships_the_templates_and_runs_a_report_writing_nothing_into_ho
     html = out.read_text(encoding="utf-8")
     assert html.count('class="nm-heatmap"') == 6 and 'class="nm-lens"' in html and "hook points; shapes" in html
     assert sorted(str(p.relative_to(home)) for p in home.rglob("*")) == []
+
+
+@pytest.mark.slow
+def test_an_encoder_without_an_unembedding_says_so_in_the_lens_section(tmp_path):
+    from conftest import make_model, word_tokenizer
+
+    folder = tmp_path / "bert"
+    make_model("bert").save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    model = nm.load(str(folder))
+    with pytest.raises(nm.WeightError) as refused:
+        nm.analysis.logit_lens(model, "the cat sat")
+    out = tmp_path / "bert.html"
+    assert main(["report", "model_overview", "-p", f"model={folder}", "-p", "prompt=the cat sat", "-o", str(out)]) == 0
+    html = out.read_text(encoding="utf-8")
+    lens_section = html.split('id="Logit-lens"', 1)[1]
+    assert 'class="nm-lens"' not in html
+    assert f"<b>No logit lens for this model:</b> {nm.display.escape(str(refused.value))}" in lens_section
+    tokens = len(model.to_str_tokens("the cat sat"))
+    assert html.count('class="nm-heatmap"') == 6 and f"hook points; shapes for one prompt of {tokens} tokens" in html
