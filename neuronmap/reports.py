@@ -239,7 +239,7 @@ def _kernel(folder: Path) -> Iterator[None]:
     write_kernel_spec(str(spec), overrides={
         "display_name": KERNEL_NAME,
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", "--IPKernelApp.log_level=CRITICAL"],
-        "env": {"NEURONMAP_WIDGETS": "0", "PYDEVD_DISABLE_FILE_VALIDATION": "1"},
+        "env": {"NEURONMAP_WIDGETS": "0", "PYDEVD_DISABLE_FILE_VALIDATION": "1", **_same_neuronmap()},
     })
     paths = os.pathsep.join(p for p in (str(folder / "jupyter"), os.environ.get("JUPYTER_PATH", "")) if p)
     values = {"JUPYTER_PATH": paths, "JUPYTER_RUNTIME_DIR": str(folder / "runtime"), "IPYTHONDIR": str(folder / "ipython")}
@@ -253,3 +253,12 @@ def _kernel(folder: Path) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _same_neuronmap() -> dict[str, str]:
+    """PYTHONPATH for the kernel so it imports this `neuronmap`: needed when it runs from a source tree that is not
+    installed (the kernel starts in a temporary folder); an installed copy is found as it is."""
+    home = Path(__file__).resolve().parent.parent
+    if home.name in ("site-packages", "dist-packages"):
+        return {}
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(home), os.environ.get("PYTHONPATH", "")) if p)}
