@@ -65,11 +65,13 @@ def test_list_names_every_template_with_its_parameters_and_defaults(capsys):
     for path in TEMPLATES:
         lines = listed[path.stem].splitlines()[1:]
         declared = _declared(path)
-        assert [line.split()[1].split("=")[0] for line in lines] == list(declared)
-        for line, (name, default) in zip(lines, declared.items()):
-            assert f"({type(default).__name__}, default " in line
-            shown = line.split(", default ", 1)[1].rsplit(")", 1)[0]
+        parsed = [re.fullmatch(r"  -p (\w+)=…  \((\w+), default (.+?)\)(?:: (.*))?", line).groups() for line in lines]
+        assert [name for name, *_ in parsed] == list(declared)
+        source = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        for (name, kind, shown, help), default in zip(parsed, declared.values()):
+            assert kind == type(default).__name__
             assert (json.loads(shown) if isinstance(default, (str, list)) else ast.literal_eval(shown)) == default
+            assert help and any(f"# {help}" in "".join(cell["source"]) for cell in source)
 
 
 @pytest.mark.parametrize(
