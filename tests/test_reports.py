@@ -189,6 +189,9 @@ def test_model_overview_shows_every_section_offline(built, page):
     captions = [c.strip() for c in page.locator(".nm-table .nm-caption").all_inner_texts()]
     total = sum(p.numel() for p in model.module.parameters())
     assert f"{total:,} parameters in induction-2l" in captions
+    parts = tables.filter(has_text="parameters in induction-2l").locator("tbody tr").all_inner_texts()
+    tied = model.module.lm_head.weight.numel()  # the unembedding is the embedding, counted once
+    assert parts[1].split("\t")[:2] == ["lm_head", f"0 (+{tied:,} tied above)"]
 
     # hook points: every name, with the shape one run on the prompt gives
     trace = model.run(prompt, capture=model.hook_names)
