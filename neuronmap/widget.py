@@ -1,4 +1,4 @@
-"""The live half of the rendering contract: front ends shipped in `neuronmap/widgets/`, and when to show them.
+"""The live half of the rendering contract: the front ends in `widgets/` bundled for the page, and when to show them.
 
 A result's mime bundle always holds its static HTML; the anywidget view is added only when an interactive
 front end executes the cell. Headless runners (papermill, `nbconvert --execute`, nbclient) would otherwise
@@ -11,33 +11,50 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-WIDGETS_DIR = Path(__file__).resolve().parent / "widgets"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 FORCE_ENV = "NEURONMAP_WIDGETS"
 """Set to 1 or 0 to always or never add the live widget to results' mime bundles."""
+COMMON = "common"
+"""The front end holding the helpers every view imports (`widgets/common.js` and `common.css`)."""
+
+
+def widgets_dir() -> Path:
+    """Where the front ends are: `neuronmap/widgets` in an installed wheel, the checkout's top-level `widgets/`
+    otherwise (a source tree or an editable install, whose package is the checkout's `neuronmap/`)."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "widgets"
+    return shipped if (shipped / f"{COMMON}.js").is_file() else package.parent / "widgets"
+
+
+WIDGETS_DIR = widgets_dir()
 
 
 def front_end(name: str) -> tuple[str, str]:
-    """The ES module and CSS of one shipped front end, e.g. `front_end("attention")`, with the front ends it uses.
+    """The ES module and CSS of one shipped front end, e.g. `front_end("attention")`, bundled into one of each.
 
+    Each view is an ES module that imports its helpers from `widgets/common.js`; the bundle starts with the helpers
+    its views import (and those helpers' own helpers), each once, then the views with their import lines dropped.
     A front end that opens another's view inside its own (the graph view shows a head's attention pattern in the
-    attention viewer) names it in `USES`; that module comes first, in a scope of its own, as `<name>View` with its
-    `render` and `staticModel`.
+    attention viewer) names it in `USES`; that module comes after the helpers, in a scope of its own, as
+    `<name>View` with its `render` and `staticModel`.
     """
-    scripts, styles = [], []
+    common, common_css = _files(COMMON)
+    helpers, exported = _helpers(common)
+    scripts, styles, imported = [], [common_css], set()
     for used in USES.get(name, ()):
         script, css = _files(used)
-        scripts.append(
-            f"const {used}View = (() => {{\n{_module_body(script, used)}\nreturn {{ render, staticModel }};\n}})();"
-        )
+        body = _module_body(_without_imports(script, used, exported, imported), used)
+        scripts.append(f"const {used}View = (() => {{\n{body}\nreturn {{ render, staticModel }};\n}})();")
         styles.append(css)
     script, css = _files(name)
-    return "\n".join([*scripts, script]), "\n".join([*styles, css])
+    scripts.append(_without_imports(script, name, exported, imported))
+    return "\n".join([_needed(helpers, imported), *scripts]), "\n".join([*styles, css])
 
 
 USES = {"graph": ("attention",)}
@@ -48,8 +65,54 @@ def _files(name: str) -> tuple[str, str]:
     return (WIDGETS_DIR / f"{name}.js").read_text(encoding="utf-8"), (WIDGETS_DIR / f"{name}.css").read_text(encoding="utf-8")
 
 
+_SHARED_EXPORT = re.compile(r"^export \{([^}]*)\};\n?\Z", re.M)
+_SHARED_IMPORT = re.compile(r'^import \{([^}]*)\} from "\./common\.js";\n', re.M)
+_HELPER = re.compile(r"^(?://[^\n]*\n)*(?:async )?function (\w+)\(", re.M)
+
+
+def _helpers(script: str) -> tuple[dict[str, str], set[str]]:
+    """The helpers' module as its functions by name, each with the comment above it, and the names it exports."""
+    export = _SHARED_EXPORT.search(script)
+    if export is None:
+        raise AssertionError(f"widgets/{COMMON}.js must end its module with one `export {{ name, ... }};` line")
+    found = list(_HELPER.finditer(script, 0, export.start()))
+    ends = [match.start() for match in found[1:]] + [export.start()]
+    helpers = {match.group(1): script[match.start() : end].rstrip() + "\n" for match, end in zip(found, ends)}
+    return helpers, _names(export.group(1))
+
+
+def _needed(helpers: dict[str, str], imported: set[str]) -> str:
+    """The helpers that `imported` names, with every helper they call, in the module's order."""
+    needed, todo = set(), list(imported)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += [other for other in helpers if re.search(rf"\b{other}\(", helpers[name])]
+    return "\n".join(code for name, code in helpers.items() if name in needed)
+
+
+def _without_imports(script: str, name: str, exported: set[str], imported: set[str]) -> str:
+    """A view's module without its line importing the shared helpers (added to `imported`), which the bundle defines
+    in front of it."""
+    imports = _SHARED_IMPORT.findall(script)
+    if len(imports) > 1:
+        raise AssertionError(f"widgets/{name}.js must import from ./common.js in one line")
+    names = set().union(*map(_names, imports))
+    if names - exported:
+        raise AssertionError(
+            f"widgets/{name}.js imports {sorted(names - exported)} from ./common.js, which exports {sorted(exported)}"
+        )
+    imported |= names
+    return _SHARED_IMPORT.sub("", script)
+
+
+def _names(listed: str) -> set[str]:
+    return {part.strip() for part in listed.split(",") if part.strip()}
+
+
 def _module_body(script: str, name: str) -> str:
-    """The module without its closing `export default { render };`, which every front end ends with."""
+    """The module without its closing `export default { render };`, which every view ends with."""
     body = script.replace(_EXPORT, "")
     if body == script:
         raise AssertionError(f"widgets/{name}.js must end its module with {_EXPORT!r}")

@@ -1,10 +1,13 @@
-"""The wheel carries the widget front ends, and both views render in Chromium from the installed package."""
+"""The wheel carries the front ends of `widgets/` (the views and their shared helpers), the installed package finds
+them in itself, and both views render in Chromium from it."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +18,7 @@ SCRIPT = """
 import base64, json, sys, torch, neuronmap
 from neuronmap.attention import AttentionPatterns
 assert neuronmap.__file__.startswith(sys.argv[1]), neuronmap.__file__
+from neuronmap.widget import WIDGETS_DIR
 n = 12
 pattern = torch.softmax(torch.randn(1, 3, n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), -1e9), -1)
 tokens = torch.arange(3, 3 + n)[None]
@@ -24,7 +28,8 @@ widget = patterns.widget(heads=[1])
 FIELDS = "layers n_heads layer heads prompt prompts tokens n_total thumb_size thumbs detail detail_key note".split()
 state = {key: base64.b64encode(value).decode() if isinstance(value, bytes) else value
          for key, value in ((key, getattr(widget, key)) for key in FIELDS)}
-json.dump({"state": state, "esm": widget._esm, "css": widget._css}, open(sys.argv[2] + "/widget.json", "w"))
+exported = {"state": state, "esm": widget._esm, "css": widget._css, "widgets_dir": str(WIDGETS_DIR)}
+json.dump(exported, open(sys.argv[2] + "/widget.json", "w"))
 """
 
 # A stand-in for anywidget's model in the page: bytes arrive as DataViews, as anywidget delivers traitlets.Bytes.
@@ -42,11 +47,16 @@ async ({ state, esm }) => {
 """
 
 
+WIDGETS = Path(__file__).resolve().parent.parent / "widgets"
+
+
 def test_the_wheel_ships_the_front_ends(installed_wheel):
-    shipped = {path.name for path in (installed_wheel / "neuronmap" / "widgets").iterdir()}
-    assert {"attention.js", "attention.css"} <= shipped
+    checkout = {path.name: path.read_bytes() for path in WIDGETS.iterdir() if path.suffix in (".js", ".css")}
+    assert {"common.js", "common.css", "attention.js", "attention.css", "graph.js", "sae.js"} <= set(checkout)
+    shipped = installed_wheel / "neuronmap" / "widgets"
+    assert {path.name: path.read_bytes() for path in shipped.iterdir()} == checkout
     record = next(installed_wheel.glob("neuronmap-*.dist-info/RECORD")).read_text()
-    assert "neuronmap/widgets/attention.js" in record and "neuronmap/widgets/attention.css" in record
+    assert all(f"neuronmap/widgets/{name}," in record for name in checkout)
 
 
 def test_views_render_from_the_installed_wheel(installed_wheel, tmp_path, page):
@@ -56,7 +66,16 @@ def test_views_render_from_the_installed_wheel(installed_wheel, tmp_path, page):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     exported = json.loads((tmp_path / "widget.json").read_text())
-    assert exported["esm"] == (installed_wheel / "neuronmap" / "widgets" / "attention.js").read_text()
+    shipped = installed_wheel / "neuronmap" / "widgets"
+    assert Path(exported["widgets_dir"]) == shipped.resolve()
+    # the bundle ends with the shipped view (less its import line) after the shipped helpers it calls
+    view = re.sub(r'^import \{[^}]*\} from "\./common\.js";\n', "", (shipped / "attention.js").read_text(), flags=re.M)
+    assert exported["esm"].endswith("\n" + view)
+    common = (shipped / "common.js").read_text()
+    for name in ("asBytes", "inflate", "element", "textOn"):
+        helper = re.search(rf"^(?:async )?function {name}\(.*?^}}\n", common, re.M | re.S).group(0)
+        assert exported["esm"].count(helper) == 1 and exported["esm"].index(helper) < exported["esm"].index(view), name
+    assert exported["css"] == (shipped / "common.css").read_text() + "\n" + (shipped / "attention.css").read_text()
 
     page.goto((tmp_path / "static.html").as_uri())
     page.wait_for_selector(".nm-attn[data-ready='0:0']", timeout=10_000)

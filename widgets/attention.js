@@ -9,6 +9,8 @@
 // the byte itself is the colour depth, so faint attention stays visible. Values shown as numbers are p.
 // Every token reaches the page through textContent, never as markup.
 
+import { asBytes, inflate, decodeBase64, element, ownKeys, shown, textOn } from "./common.js";
+
 const PALETTE = [
   [31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189], [255, 127, 14],
   [23, 190, 207], [227, 119, 194], [140, 86, 75], [188, 189, 34], [127, 127, 127],
@@ -19,37 +21,6 @@ const TOKEN_STEPS = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 };
 
 function headColour(head) {
   return PALETTE[head % PALETTE.length];
-}
-
-function asBytes(view) {
-  if (!view) return new Uint8Array(0);
-  if (view instanceof Uint8Array) return view;
-  if (view instanceof ArrayBuffer) return new Uint8Array(view);
-  return new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
-}
-
-async function inflate(view) {
-  const stream = new Blob([asBytes(view)]).stream().pipeThrough(new DecompressionStream("deflate"));
-  return new Uint8Array(await new Response(stream).arrayBuffer());
-}
-
-function node(tag, className, text) {
-  const element = document.createElement(tag);
-  if (className) element.className = className;
-  if (text !== undefined) element.textContent = text;
-  return element;
-}
-
-// Keys pressed on `element` are the viewer's: JupyterLab's and Notebook 7's shortcuts (Enter, Space, arrows in
-// command mode) skip events whose target carries this attribute. Their selectors can match the focused element
-// itself (`:focus`), so it goes on every focusable element, not only on the viewer's root.
-function ownKeys(element) {
-  element.setAttribute("data-lm-suppress-shortcuts", "true");
-  return element;
-}
-
-function shown(token) {
-  return token.replace(/\n/g, "\u21b5").replace(/\t/g, "\u21e5");
 }
 
 // Overlay: the backdrop moved towards each selected head's colour in proportion to its shade (sqrt of the
@@ -63,24 +34,9 @@ function mix(shades, heads, base) {
   return rgb.map((value) => Math.round(Math.min(255, Math.max(0, value))));
 }
 
-// WCAG 2 relative luminance of an sRGB colour given as 0-255 channels.
-function luminance(rgb) {
-  const linear = rgb.map((channel) => {
-    const c = channel / 255;
-    return c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
-  });
-  return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2];
-}
-
-// Black or white, whichever contrasts more with `rgb`: the better of the two is always at least 4.58:1.
-function textOn(rgb) {
-  const l = luminance(rgb);
-  return (l + 0.05) / 0.05 >= 1.05 / (l + 0.05) ? "#000" : "#fff";
-}
-
-// The colour the tokens sit on: the first opaque background from `element` up (the theme's), else white.
-function backdrop(element) {
-  for (let at = element; at; at = at.parentElement) {
+// The colour the tokens sit on: the first opaque background from `start` up (the theme's), else white.
+function backdrop(start) {
+  for (let at = start; at; at = at.parentElement) {
     const rgba = /^rgba?\(([^)]*)\)/.exec(getComputedStyle(at).backgroundColor);
     const channels = rgba ? rgba[1].split(/[\s,/]+/).map(Number) : [];
     if (channels.length >= 3 && (channels.length < 4 || channels[3] > 0)) return channels.slice(0, 3);
@@ -94,34 +50,34 @@ function render({ model, el }) {
     detail: null, key: null, n: 0, focus: null, pinned: false, mode: "from", disposed: false, active: 0,
   };
 
-  const bar = node("div", "nm-bar");
-  const layerLabel = node("label", null, "layer ");
-  const layerSelect = ownKeys(node("select", "nm-layer"));
+  const bar = element("div", "nm-bar");
+  const layerLabel = element("label", null, "layer ");
+  const layerSelect = ownKeys(element("select", "nm-layer"));
   layerLabel.append(layerSelect);
-  const promptLabel = node("label", null, " prompt ");
-  const promptSelect = ownKeys(node("select", "nm-prompt"));
+  const promptLabel = element("label", null, " prompt ");
+  const promptSelect = ownKeys(element("select", "nm-prompt"));
   promptLabel.append(promptSelect);
-  const modeButton = ownKeys(node("button", "nm-mode"));
+  const modeButton = ownKeys(element("button", "nm-mode"));
   modeButton.type = "button";
   bar.append(layerLabel, promptLabel, modeButton);
-  const grid = node("div", "nm-grid");
+  const grid = element("div", "nm-grid");
   grid.setAttribute("role", "group");
-  const body = node("div", "nm-body");
-  const plot = node("div", "nm-plot");
-  const matrixBox = node("div", "nm-matrix");
-  const canvas = node("canvas");
+  const body = element("div", "nm-body");
+  const plot = element("div", "nm-plot");
+  const matrixBox = element("div", "nm-matrix");
+  const canvas = element("canvas");
   canvas.setAttribute("role", "img");
-  const crosshair = node("div", "nm-crosshair");
+  const crosshair = element("div", "nm-crosshair");
   matrixBox.append(canvas, crosshair);
-  const keyAxis = node("div", "nm-axis nm-axis-key", "key \u2192");
-  const queryAxis = node("div", "nm-axis nm-axis-query", "query \u2193");
+  const keyAxis = element("div", "nm-axis nm-axis-key", "key \u2192");
+  const queryAxis = element("div", "nm-axis nm-axis-query", "query \u2193");
   keyAxis.title = "columns: the tokens attended to";
   queryAxis.title = "rows: the tokens attending";
   plot.append(keyAxis, queryAxis, matrixBox);
-  const side = node("div", "nm-side");
-  const info = node("div", "nm-info", "hover or focus a token, or hover a cell (colour depth \u221d \u221aattention)");
+  const side = element("div", "nm-side");
+  const info = element("div", "nm-info", "hover or focus a token, or hover a cell (colour depth \u221d \u221aattention)");
   info.setAttribute("aria-live", "polite");
-  const tokenBox = node("div", "nm-tokens");
+  const tokenBox = element("div", "nm-tokens");
   tokenBox.setAttribute("role", "listbox");
   tokenBox.setAttribute(
     "aria-label",
@@ -129,7 +85,7 @@ function render({ model, el }) {
   );
   side.append(info, tokenBox);
   body.append(plot, side);
-  const note = node("div", "nm-note");
+  const note = element("div", "nm-note");
   el.append(bar, grid, body, note);
 
   const selected = () => model.get("heads").slice();
@@ -137,7 +93,7 @@ function render({ model, el }) {
 
   function fillControls() {
     layerSelect.replaceChildren(...model.get("layers").map((layer) => {
-      const option = node("option", null, String(layer));
+      const option = element("option", null, String(layer));
       option.value = String(layer);
       return option;
     }));
@@ -145,7 +101,7 @@ function render({ model, el }) {
     const prompts = model.get("prompts");
     promptLabel.style.display = prompts.length > 1 ? "" : "none";
     promptSelect.replaceChildren(...prompts.map((prompt) => {
-      const option = node("option", null, String(prompt));
+      const option = element("option", null, String(prompt));
       option.value = String(prompt);
       return option;
     }));
@@ -161,11 +117,11 @@ function render({ model, el }) {
     const index = model.get("layers").indexOf(model.get("layer"));
     const cells = [];
     for (let head = 0; head < heads; head++) {
-      const cell = ownKeys(node("div", "nm-head"));
+      const cell = ownKeys(element("div", "nm-head"));
       cell.dataset.head = String(head);
       cell.tabIndex = 0;
       cell.setAttribute("role", "button");
-      const thumb = node("canvas");
+      const thumb = element("canvas");
       thumb.width = size;
       thumb.height = size;
       const context = thumb.getContext("2d");
@@ -180,7 +136,7 @@ function render({ model, el }) {
         image.data[4 * p + 3] = 255;
       }
       context.putImageData(image, 0, 0);
-      const label = node("span", null, `head ${head}`);
+      const label = element("span", null, `head ${head}`);
       cell.append(thumb, label);
       cell.addEventListener("click", () => toggleHead(head));
       cell.addEventListener("keydown", (event) => {
@@ -225,7 +181,7 @@ function render({ model, el }) {
     const tokens = model.get("tokens");
     state.active = Math.min(state.active, Math.max(0, tokens.length - 1));
     tokenBox.replaceChildren(...tokens.map((token, i) => {
-      const span = ownKeys(node("span", "nm-token", shown(token)));
+      const span = ownKeys(element("span", "nm-token", shown(token)));
       span.dataset.index = String(i);
       span.title = `${i}: ${token}`;
       span.setAttribute("role", "option");
@@ -442,7 +398,6 @@ function render({ model, el }) {
 // `views` holds each embedded prompt's tokens and thumbnails, `details` one deflated pattern block per embedded
 // "layer:prompt" (bytes as base64 strings). Choosing a layer or a prompt swaps in its data, as the kernel would.
 function staticModel(data) {
-  const decode = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
   const state = Object.assign({}, data);
   delete state.views;
   delete state.details;
@@ -450,12 +405,12 @@ function staticModel(data) {
   const changed = new Set();
   const showLayer = () => {
     state.detail_key = `${state.layer}:${state.prompt}`;
-    state.detail = decode(data.details[state.detail_key]);
+    state.detail = decodeBase64(data.details[state.detail_key]);
     changed.add("detail");
   };
   const showPrompt = () => {
     const view = data.views[String(state.prompt)];
-    Object.assign(state, view, { thumbs: decode(view.thumbs) });
+    Object.assign(state, view, { thumbs: decodeBase64(view.thumbs) });
     for (const key of ["tokens", "n_total", "thumb_size", "thumbs"]) changed.add(key);
     showLayer();
   };

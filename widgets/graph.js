@@ -11,43 +11,18 @@
 // for), head_request ("layer.head": the kernel answers with `attention`), attention_error. Every label reaches the
 // page through textContent or an SVG text node, never as markup.
 
-const SVG = "http://www.w3.org/2000/svg";
+import { asBytes, decodeBase64, element, svgElement, ownKeys } from "./common.js";
+
 const NODE_WIDTH = 46, NODE_HEIGHT = 20, COLUMN = 58, ROW = 64, MARGIN = 14, LABEL_WIDTH = 64;
 const PORTS = { 1: [-0.3, "none", "query"], 2: [0, "5 3", "key"], 3: [0.3, "1.5 2.5", "value"] };
 const MAX_DRAWN = 3000;
 const SLIDER_STEPS = 1000;
-
-function asBytes(view) {
-  if (!view) return new Uint8Array(0);
-  if (view instanceof Uint8Array) return view;
-  if (view instanceof ArrayBuffer) return new Uint8Array(view);
-  return new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
-}
 
 // Typed arrays need aligned offsets: copy the bytes out when they are not.
 function typed(Type, view) {
   const bytes = asBytes(view);
   const aligned = bytes.byteOffset % Type.BYTES_PER_ELEMENT === 0 ? bytes : bytes.slice();
   return new Type(aligned.buffer, aligned.byteOffset, aligned.byteLength / Type.BYTES_PER_ELEMENT);
-}
-
-function element(tag, className, text) {
-  const made = document.createElement(tag);
-  if (className) made.className = className;
-  if (text !== undefined) made.textContent = text;
-  return made;
-}
-
-function svgElement(tag, attributes) {
-  const made = document.createElementNS(SVG, tag);
-  for (const [name, value] of Object.entries(attributes || {})) made.setAttribute(name, String(value));
-  return made;
-}
-
-// Keys pressed on a control are the view's, not JupyterLab's command-mode shortcuts.
-function ownKeys(target) {
-  target.setAttribute("data-lm-suppress-shortcuts", "true");
-  return target;
 }
 
 const formatValue = (value) => (value >= 0 ? "+" : "") + Number(value.toPrecision(4));
@@ -358,9 +333,8 @@ function render({ model, el }) {
 // The static view's stand-in for the widget model, backed by embedded data (bytes as base64 strings); the
 // attention patterns it embeds (if any) are the attention viewer's own static model.
 function staticModel(data) {
-  const decode = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
   const state = Object.assign({}, data);
-  for (const key of ["edge_values", "edge_ends", "edge_ports"]) state[key] = decode(data[key]);
+  for (const key of ["edge_values", "edge_ends", "edge_ports"]) state[key] = decodeBase64(data[key]);
   let attention;
   return {
     get: (key) => state[key],

@@ -8,6 +8,8 @@
 // (head.arrays: name -> [offset, dtype, length]); activations come as float16. Every text from the data reaches the
 // page through textContent or an attribute, never as markup.
 
+import { asBytes, inflate, decodeBase64, element, svgElement, ownKeys, shown, textOn } from "./common.js";
+
 const SHADE = [230, 85, 13];
 const SHOWN_ROWS = 300;
 const COLUMNS = [
@@ -16,18 +18,6 @@ const COLUMNS = [
   ["max", "max", "its largest activation"],
   ["mean", "mean", "its mean activation where it fires"],
 ];
-
-function asBytes(view) {
-  if (!view) return new Uint8Array(0);
-  if (view instanceof Uint8Array) return view;
-  if (view instanceof ArrayBuffer) return new Uint8Array(view);
-  return new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
-}
-
-async function inflate(view) {
-  const stream = new Blob([asBytes(view)]).stream().pipeThrough(new DecompressionStream("deflate"));
-  return new Uint8Array(await new Response(stream).arrayBuffer());
-}
 
 function half(bits) {
   const sign = bits & 0x8000 ? -1 : 1;
@@ -57,30 +47,6 @@ function readBlob(bytes) {
   return { head, arrays };
 }
 
-function node(tag, className, text) {
-  const element = document.createElement(tag);
-  if (className) element.className = className;
-  if (text !== undefined) element.textContent = text;
-  return element;
-}
-
-function svg(tag, attributes) {
-  const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
-  for (const [key, value] of Object.entries(attributes || {})) element.setAttribute(key, String(value));
-  return element;
-}
-
-// Keys pressed on `element` are the view's: JupyterLab's and Notebook 7's shortcuts skip events whose target
-// carries this attribute.
-function ownKeys(element) {
-  element.setAttribute("data-lm-suppress-shortcuts", "true");
-  return element;
-}
-
-function shown(token) {
-  return token.replace(/\r\n|\n|\r/g, "\u21b5").replace(/\t/g, "\u21e5");
-}
-
 function number(value) {
   if (value === null || value === undefined || Number.isNaN(value)) return "-";
   if (value === 0) return "0";
@@ -94,20 +60,6 @@ function percent(fraction) {
   return `${value >= 10 ? value.toFixed(1) : value >= 0.01 ? value.toPrecision(2) : value.toExponential(1)}%`;
 }
 
-function luminance(rgb) {
-  const linear = rgb.map((channel) => {
-    const c = channel / 255;
-    return c <= 0.04045 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
-  });
-  return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2];
-}
-
-// Black or white, whichever contrasts more with `rgb`: the better of the two is always at least 4.58:1.
-function textOn(rgb) {
-  const l = luminance(rgb);
-  return (l + 0.05) / 0.05 >= 1.05 / (l + 0.05) ? "#000" : "#fff";
-}
-
 function shade(value, scale) {
   const depth = scale > 0 && value > 0 ? Math.min(1, value / scale) : 0;
   return SHADE.map((channel) => Math.round(255 - depth * (255 - channel)));
@@ -118,33 +70,33 @@ function render({ model, el }) {
   const state = { list: null, dash: null, sort: null, descending: true, query: "", disposed: false, picked: null };
   const browsing = model.get("mode") === "browser";
 
-  const title = node("div", "nm-sae-title", model.get("title"));
-  const body = node("div", "nm-sae-body");
-  const side = node("div", "nm-sae-side");
-  const search = ownKeys(node("input", "nm-sae-search"));
+  const title = element("div", "nm-sae-title", model.get("title"));
+  const body = element("div", "nm-sae-body");
+  const side = element("div", "nm-sae-side");
+  const search = ownKeys(element("input", "nm-sae-search"));
   search.type = "search";
   search.placeholder = "search a token or a latent number";
   search.setAttribute("aria-label", "search latents by a token their top contexts peak on or their decoder promotes");
-  const count = node("div", "nm-sae-count");
+  const count = element("div", "nm-sae-count");
   count.setAttribute("aria-live", "polite");
-  const scroller = node("div", "nm-sae-scroll");
-  const table = node("table", "nm-sae-table");
-  const head = node("thead");
-  const rows = node("tbody");
+  const scroller = element("div", "nm-sae-scroll");
+  const table = element("table", "nm-sae-table");
+  const head = element("thead");
+  const rows = element("tbody");
   table.append(head, rows);
   scroller.append(table);
   side.append(search, count, scroller);
-  const dash = node("div", "nm-sae-dash");
+  const dash = element("div", "nm-sae-dash");
   dash.setAttribute("aria-live", "polite");
   body.append(...(browsing ? [side, dash] : [dash]));
-  const note = node("div", "nm-note", model.get("note"));
+  const note = element("div", "nm-note", model.get("note"));
   el.append(title, body, note);
 
   // --- the table of latents ---
 
   function drawHead() {
     const cells = COLUMNS.map(([key, label, meaning]) => {
-      const cell = ownKeys(node("th", null, label));
+      const cell = ownKeys(element("th", null, label));
       cell.dataset.sort = key;
       cell.title = `${meaning} (press to sort)`;
       cell.tabIndex = 0;
@@ -154,7 +106,7 @@ function render({ model, el }) {
       if (on) cell.textContent = `${label} ${state.descending ? "\u25bc" : "\u25b2"}`;
       return cell;
     });
-    const line = node("tr");
+    const line = element("tr");
     line.append(...cells);
     head.replaceChildren(line);
   }
@@ -188,7 +140,7 @@ function render({ model, el }) {
     const available = model.get("available");
     const lines = found.slice(0, SHOWN_ROWS).map((line) => {
       const latent = latents[line];
-      const row = ownKeys(node("tr"));
+      const row = ownKeys(element("tr"));
       row.dataset.latent = String(latent);
       row.tabIndex = 0;
       if (available && !available.includes(latent)) {
@@ -197,8 +149,8 @@ function render({ model, el }) {
       }
       if (latent === model.get("feature")) row.classList.add("nm-sae-current");
       row.append(
-        node("td", "nm-num", String(latent)), node("td", "nm-num", percent(density[line])),
-        node("td", "nm-num", number(max[line])), node("td", "nm-num", mean[line] < 0 ? "-" : number(mean[line])),
+        element("td", "nm-num", String(latent)), element("td", "nm-num", percent(density[line])),
+        element("td", "nm-num", number(max[line])), element("td", "nm-num", mean[line] < 0 ? "-" : number(mean[line])),
       );
       return row;
     });
@@ -256,33 +208,33 @@ function render({ model, el }) {
     const error = model.get("error");
     dash.classList.remove("nm-loading");
     if (error) {
-      dash.replaceChildren(node("div", "nm-sae-error", error));
+      dash.replaceChildren(element("div", "nm-sae-error", error));
       el.dataset.ready = `error:${model.get("feature")}`;
       return;
     }
     if (!state.dash) return;
     const { head: info, arrays } = state.dash;
     const texts = info.texts;
-    const header = node("div", "nm-sae-head");
-    header.append(node("span", "nm-sae-name", `latent ${info.latent}`));
+    const header = element("div", "nm-sae-head");
+    header.append(element("span", "nm-sae-name", `latent ${info.latent}`));
     const mean = info.mean === null ? "-" : number(info.mean);
-    header.append(node("span", "nm-sae-stats",
+    header.append(element("span", "nm-sae-stats",
       ` fires on ${percent(info.count / info.n_tokens)} of tokens (${info.count.toLocaleString("en")} of ` +
       `${info.n_tokens.toLocaleString("en")}) \u00b7 max ${number(info.max)} \u00b7 mean when active ${mean}`));
-    const top = node("div", "nm-sae-top");
+    const top = element("div", "nm-sae-top");
     top.append(histogram(info, arrays.hist), logits(info, arrays, texts));
-    const tokenBox = node("div", "nm-sae-picked");
+    const tokenBox = element("div", "nm-sae-picked");
     tokenBox.setAttribute("aria-live", "polite");
-    const groups = node("div", "nm-sae-groups");
+    const groups = element("div", "nm-sae-groups");
     let at = 0;
     let offset = 0;
     for (const group of info.groups) {
-      const section = node("section", "nm-sae-group");
+      const section = element("section", "nm-sae-group");
       const label = group.label === "top activations" ? `top activations (${group.n})` :
         `interval ${number(group.low)} \u2013 ${number(group.high)} \u00b7 ${percent(group.share)} of activations ` +
         `\u00b7 ${group.n} samples`;
-      section.append(node("h4", null, label));
-      if (group.n === 0) section.append(node("div", "nm-sae-empty", "no activations"));
+      section.append(element("h4", null, label));
+      if (group.n === 0) section.append(element("div", "nm-sae-empty", "no activations"));
       for (let c = 0; c < group.n; c++, at++) {
         const context = info.contexts[at];
         section.append(contextLine(context, at, offset, info, arrays, texts));
@@ -295,22 +247,22 @@ function render({ model, el }) {
   }
 
   function contextLine(context, index, offset, info, arrays, texts) {
-    const line = ownKeys(node("div", "nm-sae-context"));
+    const line = ownKeys(element("div", "nm-sae-context"));
     line.dataset.context = String(index);
     line.tabIndex = 0;
     line.setAttribute("role", "group");
-    const value = node("span", "nm-sae-value", number(context.value));
+    const value = element("span", "nm-sae-value", number(context.value));
     const where = context.position >= 0 ? `sequence ${context.sequence}, position ${context.position}` :
       `document ${context.sequence}`;
     value.title = where;
     line.setAttribute("aria-label", `context ${index + 1}, activation ${number(context.value)}, ${where}: Enter lists ` +
       "the latents most active on its top token, the arrow keys move between its tokens");
-    const strip = node("span", "nm-sae-tokens");
+    const strip = element("span", "nm-sae-tokens");
     for (let j = 0; j < context.n; j++) {
       const id = arrays.ctx_ids[offset + j];
       const act = arrays.ctx_acts[offset + j];
       const text = texts[id] ?? String(id);
-      const span = ownKeys(node("span", "nm-sae-token", shown(text)));
+      const span = ownKeys(element("span", "nm-sae-token", shown(text)));
       span.tabIndex = -1;
       const rgb = shade(act, info.max);
       span.style.background = `rgb(${rgb.join(",")})`;
@@ -337,13 +289,13 @@ function render({ model, el }) {
       span.classList.add("nm-sae-picked-token");
       span.closest(".nm-sae-context").after(box); // the list opens under the line of the token clicked
     }
-    const heading = node("div", "nm-sae-picked-head", `latents most active on \u201c${shown(text)}\u201d`);
-    const list = node("div", "nm-sae-features");
+    const heading = element("div", "nm-sae-picked-head", `latents most active on \u201c${shown(text)}\u201d`);
+    const list = element("div", "nm-sae-features");
     const available = model.get("available");
     for (let k = 0; k < info.m; k++) {
       const latent = arrays.tok_ids[at * info.m + k];
       if (latent === info.none) continue;
-      const button = ownKeys(node("button", "nm-sae-feature", `latent ${latent} \u00b7 ${number(arrays.tok_vals[at * info.m + k])}`));
+      const button = ownKeys(element("button", "nm-sae-feature", `latent ${latent} \u00b7 ${number(arrays.tok_vals[at * info.m + k])}`));
       button.type = "button";
       button.dataset.latent = String(latent);
       if (available && !available.includes(latent)) {
@@ -352,9 +304,9 @@ function render({ model, el }) {
       }
       list.append(button);
     }
-    if (!list.children.length) list.append(node("span", "nm-sae-empty", info.m ? "no latent fires here" :
+    if (!list.children.length) list.append(element("span", "nm-sae-empty", info.m ? "no latent fires here" :
       "these statistics kept no latents per token (token_features=0)"));
-    const close = ownKeys(node("button", "nm-sae-close", "\u00d7"));
+    const close = ownKeys(element("button", "nm-sae-close", "\u00d7"));
     close.type = "button";
     close.setAttribute("aria-label", "close");
     box.replaceChildren(close, heading, list);
@@ -386,54 +338,54 @@ function render({ model, el }) {
 
   function histogram(info, counts) {
     const width = 300, height = 80, bins = counts.length;
-    const figure = node("figure", "nm-sae-hist");
-    const plot = svg("svg", { width, height: height + 16, viewBox: `0 0 ${width} ${height + 16}`, role: "img" });
+    const figure = element("figure", "nm-sae-hist");
+    const plot = svgElement("svg", { width, height: height + 16, viewBox: `0 0 ${width} ${height + 16}`, role: "img" });
     plot.setAttribute("aria-label", `activation histogram of latent ${info.latent} over the tokens where it fires`);
     const top = Math.max(1, ...counts);
     const step = width / bins;
     counts.forEach((c, k) => {
       if (!c) return;
       const h = (c / top) * height;
-      const bar = svg("rect", { x: (k * step).toFixed(1), y: (height - h).toFixed(1), width: Math.max(step - 0.5, 0.5).toFixed(1), height: h.toFixed(1) });
-      const hint = svg("title");
+      const bar = svgElement("rect", { x: (k * step).toFixed(1), y: (height - h).toFixed(1), width: Math.max(step - 0.5, 0.5).toFixed(1), height: h.toFixed(1) });
+      const hint = svgElement("title");
       const low = (k / bins) * info.hist_top, high = ((k + 1) / bins) * info.hist_top;
       hint.textContent = `${number(low)} \u2013 ${number(high)}: ${c} tokens`;
       bar.append(hint);
       plot.append(bar);
     });
     const peak = info.hist_top > 0 ? (info.max / info.hist_top) * width : 0;
-    const marker = svg("line", { x1: peak.toFixed(1), y1: 0, x2: peak.toFixed(1), y2: height, class: "nm-sae-max" });
-    const markerHint = svg("title");
+    const marker = svgElement("line", { x1: peak.toFixed(1), y1: 0, x2: peak.toFixed(1), y2: height, class: "nm-sae-max" });
+    const markerHint = svgElement("title");
     markerHint.textContent = `max ${number(info.max)}`;
     marker.append(markerHint);
-    const axis = svg("line", { x1: 0, y1: height + 0.5, x2: width, y2: height + 0.5, class: "nm-sae-axis" });
-    const left = svg("text", { x: 0, y: height + 13 });
+    const axis = svgElement("line", { x1: 0, y1: height + 0.5, x2: width, y2: height + 0.5, class: "nm-sae-axis" });
+    const left = svgElement("text", { x: 0, y: height + 13 });
     left.textContent = "0";
-    const right = svg("text", { x: width, y: height + 13, "text-anchor": "end" });
+    const right = svgElement("text", { x: width, y: height + 13, "text-anchor": "end" });
     right.textContent = number(info.hist_top);
     plot.append(marker, axis, left, right);
-    figure.append(plot, node("figcaption", null,
+    figure.append(plot, element("figcaption", null,
       `activations where it fires, 0 to ${number(info.hist_top)} (tallest bar ${top} tokens; line: max ${number(info.max)})`));
     return figure;
   }
 
   function logits(info, arrays, texts) {
-    const box = node("div", "nm-sae-logits");
+    const box = element("div", "nm-sae-logits");
     if (!info.logits) {
-      box.append(node("div", "nm-sae-empty", "no logit effects (statistics from a store without model=, or a hook with no path to the unembedding)"));
+      box.append(element("div", "nm-sae-empty", "no logit effects (statistics from a store without model=, or a hook with no path to the unembedding)"));
       return box;
     }
     const largest = Math.max(1e-12, ...arrays.top_vals.map(Math.abs), ...arrays.bottom_vals.map(Math.abs));
     for (const [side, label] of [["top", "promotes"], ["bottom", "suppresses"]]) {
-      const column = node("div", `nm-sae-logit nm-sae-${label}`);
-      column.append(node("div", "nm-sae-logit-head", label));
+      const column = element("div", `nm-sae-logit nm-sae-${label}`);
+      column.append(element("div", "nm-sae-logit-head", label));
       const ids = arrays[`${side}_ids`], values = arrays[`${side}_vals`];
       for (let k = 0; k < ids.length; k++) {
-        const line = node("div", "nm-sae-logit-line");
-        const bar = node("span", "nm-sae-bar");
+        const line = element("div", "nm-sae-logit-line");
+        const bar = element("span", "nm-sae-bar");
         bar.style.width = `${Math.round((Math.abs(values[k]) / largest) * 48)}px`;
-        line.append(bar, node("span", "nm-sae-logit-token", shown(texts[ids[k]] ?? String(ids[k]))),
-          node("span", "nm-sae-logit-value", (values[k] >= 0 ? "+" : "") + number(values[k])));
+        line.append(bar, element("span", "nm-sae-logit-token", shown(texts[ids[k]] ?? String(ids[k]))),
+          element("span", "nm-sae-logit-value", (values[k] >= 0 ? "+" : "") + number(values[k])));
         column.append(line);
       }
       box.append(column);
@@ -488,10 +440,9 @@ function render({ model, el }) {
 // `list` is the table's blob and `features` the embedded dashboards' blobs by latent (deflated, base64); asking for
 // a latent swaps in its blob, as the kernel would, or an error naming how to see it.
 function staticModel(data) {
-  const decode = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
   const available = Object.keys(data.features).map(Number);
   const state = {
-    mode: data.mode, title: data.title, note: data.note, list_data: data.list ? decode(data.list) : null,
+    mode: data.mode, title: data.title, note: data.note, list_data: data.list ? decodeBase64(data.list) : null,
     feature: -1, payload: null, payload_key: -1, error: "", available,
   };
   const listeners = {};
@@ -499,7 +450,7 @@ function staticModel(data) {
   const choose = (latent) => {
     const text = data.features[String(latent)];
     if (text) {
-      Object.assign(state, { payload: decode(text), payload_key: latent, error: "" });
+      Object.assign(state, { payload: decodeBase64(text), payload_key: latent, error: "" });
       changed.add("payload");
     } else {
       state.error = `latent ${latent} is not embedded in this static view: browser(features=[${latent}, ...]) ` +
