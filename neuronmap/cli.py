@@ -168,6 +168,8 @@ def _report_parser(commands: argparse._SubParsersAction) -> None:
     report.add_argument("-p", "--parameter", action="append", default=[], metavar="KEY=VALUE",
                         help="a template parameter, read with the type of its default (lists as JSON); repeat for more")
     report.add_argument("-o", "--output", metavar="PATH", help="the HTML file to write (default: TEMPLATE.html)")
+    report.add_argument("--notebook", metavar="PATH",
+                        help="also keep the executed notebook here (to open in Jupyter, or to re-run under nbval)")
     report.add_argument("--list", action="store_true", help="list the templates and their parameters")
     report.add_argument("--debug", action="store_true", help="show tracebacks")
     report.set_defaults(run=_report)
@@ -190,7 +192,7 @@ def _report(arguments: argparse.Namespace) -> int:
     parameters = reports.parse_parameters(arguments.template, arguments.parameter)
     output = arguments.output or f"{arguments.template}.html"
     started = time.perf_counter()
-    written = reports.run_report(arguments.template, output, parameters)
+    written = reports.run_report(arguments.template, output, parameters, notebook=arguments.notebook)
     print(f"wrote {written} ({os.path.getsize(written) / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s")
     return 0
 

@@ -1,5 +1,5 @@
 """The rendering contract's shared parts: escaping, byte sizes, readable text colours, a bounded self-contained table,
-`save_html`.
+`save_html`, JSON for inline scripts.
 
 Every result type renders through these, so escaping and size bounds are implemented once.
 """
@@ -7,6 +7,7 @@ Every result type renders through these, so escaping and size bounds are impleme
 from __future__ import annotations
 
 import html
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,13 @@ _TABLE_CSS = """
 def escape(value: Any) -> str:
     """Text made safe for HTML content and attribute values (tokens may hold `<script>` or quotes)."""
     return html.escape(str(value), quote=True)
+
+
+def script_json(data: Any) -> str:
+    """`data` as JSON safe inside `<script type="application/json">`: it cannot close the tag or open a comment, and
+    has no "/" at all, so base64 data never spells a path such as "/tmp" in a saved notebook."""
+    text = json.dumps(data, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("/", "\\u002f")
 
 
 def text_colour(rgb: Sequence[float]) -> str:
@@ -72,7 +80,7 @@ def html_table(caption: str, headers: Sequence[str], rows: Sequence[Sequence[Any
 
 
 class Renders:
-    """Mixin for result types: `save_html` writes the object's static view as a standalone page."""
+    """Mixin for result types: `save_html`, JSON for inline scripts.writes the object's static view as a standalone page."""
 
     def _repr_html_(self) -> str:  # pragma: no cover - every subclass defines it
         raise NotImplementedError

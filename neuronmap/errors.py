@@ -77,3 +77,8 @@ class TunedLensError(NeuronMapError, ValueError):
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
         self.step = step
+
+
+class ReportError(NeuronMapError):
+    """A report template's cell failed (the message names the cell and where the partial notebook was kept), or its
+    run timed out or lost its kernel."""

@@ -23,6 +23,7 @@ from neuronmap.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
+NAMES = [path.stem for path in TEMPLATES]
 XSS = "<script>window.pwned=1</script>"
 PROMPT = "the cat sat on the mat"
 
@@ -94,18 +95,18 @@ def test_a_list_parameter_is_json_or_a_python_literal(text):
 
 
 def test_bool_and_float_parameters_follow_their_defaults():
-    assert [reports._typed("x", text, False) for text in ("true", "False", "1", "no")] == [True, False, True, False]
-    assert reports._typed("x", "2", 0.5) == 2.0 and isinstance(reports._typed("x", "2", 0.5), float)
+    assert [reports.catalog._typed("x", text, False) for text in ("true", "False", "1", "no")] == [True, False, True, False]
+    assert reports.catalog._typed("x", "2", 0.5) == 2.0 and isinstance(reports.catalog._typed("x", "2", 0.5), float)
     with pytest.raises(nm.InputError, match="must be of type bool"):
-        reports._typed("x", "maybe", False)
+        reports.catalog._typed("x", "maybe", False)
     with pytest.raises(nm.InputError, match="must be of type float"):
-        reports._typed("x", "[1]", 0.5)
+        reports.catalog._typed("x", "[1]", 0.5)
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["report", "model_overvue"], "unknown report template 'model_overvue'; templates: attention, model_overview"),
+        (["report", "model_overvue"], f"unknown report template 'model_overvue'; templates: {', '.join(NAMES)}"),
         (["report", "model_overview", "-p", "layers=2"],
          "template 'model_overview' has no parameter 'layers'; its parameters: model, prompt, score_batch"),
         (["report", "model_overview", "-p", "score_batch=eight"],
@@ -113,7 +114,7 @@ def test_bool_and_float_parameters_follow_their_defaults():
         (["report", "model_overview", "-p", "score_batch=2.5"], "parameter 'score_batch' must be of type int"),
         (["report", "attention", "-p", "prompts=just one"], "parameter 'prompts' must be of type list"),
         (["report", "attention", "-p", "prompts"], "parameter 'prompts' is not key=value"),
-        (["report"], "name a template (attention, model_overview) or pass --list"),
+        (["report"], f"name a template ({', '.join(NAMES)}) or pass --list"),
     ],
     ids=["template", "undeclared", "int", "int-not-float", "list", "no-value", "no-template"],
 )
@@ -145,35 +146,107 @@ def test_importing_neuronmap_does_not_import_the_report_machinery():
     assert result.stdout.strip() == "[]"
 
 
+def _executed_notebook_with_figures(*figures) -> object:
+    """A notebook as a kernel leaves it: markdown, then each plotly figure as the JSON mime bundle JupyterLab draws."""
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_markdown_cell("# Figures")]
+    for figure in figures:
+        bundle = {"application/vnd.plotly.v1+json": json.loads(figure.to_json()), "text/plain": ["Figure"]}
+        notebook.cells.append(nbformat.v4.new_code_cell("display(figure)", outputs=[
+            nbformat.v4.new_output("display_data", data=bundle)]))
+    return notebook
+
+
+@pytest.mark.browser
+def test_plotly_figures_render_offline_from_plotly_js_embedded_once(page, tmp_path):
+    import plotly.graph_objects as go
+    from plotly.offline import get_plotlyjs
+
+    bars = go.Figure(go.Bar(x=["a", XSS], y=[3, 5]), layout={"title": {"text": f"bars {XSS}"}})
+    heat = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]]))
+    notebook = _executed_notebook_with_figures(bars, heat)
+    before = json.dumps(notebook)
+    html = reports.export_html(notebook, title="figures")
+    assert json.dumps(notebook) == before  # the notebook itself is left as it was
+    assert html.count('id="nm-plotly-js"') == 1 and html.count('class="nm-plotly"') == 2
+    assert XSS not in html and len(html.encode()) < 0.5 * len(get_plotlyjs().encode())  # deflated: well under its size
+    path = tmp_path / "figures.html"
+    path.write_text(html, encoding="utf-8")
+    page.goto(path.as_uri())
+    page.wait_for_function("document.querySelectorAll('.nm-plotly .js-plotly-plot .main-svg').length >= 2", timeout=20_000)
+    first, second = page.locator(".nm-plotly").all()
+    assert first.locator(".gtitle").text_content() == f"bars {XSS}"  # a title holding <script> is drawn as text
+    assert first.locator(".xtick").all_text_contents() == ["a", XSS]
+    assert first.locator(".bars .point").count() == 2
+    assert second.locator(".hm image").count() == 1  # the heatmap drawn as one raster
+    assert page.evaluate("window.Plotly.version") == page.evaluate("Plotly.version") and page.evaluate("window.pwned") is None
+    assert page.errors == [] and page.external_requests == []
+
+
+def test_a_page_without_figures_carries_no_plotly_js():
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_markdown_cell("# Nothing to draw")]
+    html = reports.export_html(notebook, title="empty")
+    assert "nm-plotly" not in html and "Plotly" not in html and len(html.encode()) < 500_000
+
+
 # ---- slow: real runs through the CLI ---------------------------------------------------------------------------
+
+
+RUNS = {
+    "model_overview": ["-p", "model=induction-2l", "-p", f"prompt={PROMPT} {XSS}", "-p", "score_batch=2"],
+    "attention": ["-p", "model=induction-2l", "-p", f"prompts={json.dumps([PROMPT, XSS, 'a b c a b c'])}"],
+}
+"""Small parameters for the templates that take them; the others run with their defaults (small by design)."""
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Both templates run once by the CLI on induction-2l with small parameters: {template: (html path, seconds)}."""
+    """Every template run once by the CLI, its executed notebook kept: {template: (html path, notebook path, seconds)}."""
     folder = tmp_path_factory.mktemp("reports")
-    runs = {
-        "model_overview": ["-p", "model=induction-2l", "-p", f"prompt={PROMPT} {XSS}", "-p", "score_batch=2"],
-        "attention": ["-p", "model=induction-2l", "-p", f"prompts={json.dumps([PROMPT, XSS, 'a b c a b c'])}"],
-    }
     done = {}
-    for template, parameters in runs.items():
-        out = folder / f"{template}.html"
+    for template in NAMES:
+        out, notebook = folder / f"{template}.html", folder / f"{template}.ipynb"
         started = time.perf_counter()
-        assert main(["report", template, *parameters, "-o", str(out)]) == 0
-        done[template] = (out, time.perf_counter() - started)
+        assert main(["report", template, *RUNS.get(template, []), "-o", str(out), "--notebook", str(notebook)]) == 0
+        done[template] = (out, notebook, time.perf_counter() - started)
     return done
 
 
 @pytest.mark.slow
 def test_reports_are_single_offline_files(built):
-    for template, (path, seconds) in built.items():
+    for template, (path, notebook, seconds) in built.items():
         html = path.read_text(encoding="utf-8")
         print(f"{template}: {seconds:.1f} s, {len(html.encode()) / 1e6:.2f} MB")
+        assert html.count('id="nm-plotly-js"') == (html.count('class="nm-plotly"') > 0), f"{template}: plotly.js not once"
         assert not re.search(r"<script[^>]+\bsrc=", html), f"{template} loads a script"
         assert not re.search(r"<link[^>]+href=[\"']?https?:", html), f"{template} loads a stylesheet"
         assert "require.js" not in html and "MathJax.Hub" not in html and "widget-view+json" not in html
         assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name)) == [path.name]
+
+
+@pytest.mark.slow
+@pytest.mark.notebooks
+@pytest.mark.parametrize("template", NAMES)
+def test_each_executed_report_validates_under_nbval(built, template):
+    """The notebook a report kept re-runs under nbval with the same outputs (as the tutorials do): the templates are
+    deterministic for their parameters, and the kept notebook opens and runs in an ordinary Jupyter kernel."""
+    from test_notebooks import SANITIZE, _kernel_environment
+
+    notebook = built[template][1]
+    assert json.loads(notebook.read_text(encoding="utf-8"))["metadata"]["kernelspec"]["name"] == "python3"
+    with _kernel_environment() as env:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", str(notebook), "--nbval", "--nbval-current-env", "--nbval-sanitize-with",
+             str(SANITIZE), "-p", "no:cacheprovider", "-o", "addopts=", "-q", "--no-header"],
+            cwd=notebook.parent, env={**os.environ, **env, "NEURONMAP_WIDGETS": "0"}, capture_output=True, text=True,
+            timeout=1200,
+        )
+    assert result.returncode == 0, f"{template}: nbval found outputs that differ\n{result.stdout[-20000:]}\n{result.stderr[-3000:]}"
 
 
 @pytest.mark.slow
@@ -210,6 +283,14 @@ def test_model_overview_shows_every_section_offline(built, page):
         assert title.startswith(f"{kind} score per head — induction-2l"), title
         layer, head, value = patterns.head_scores(kind).top(1)[0]
         assert page.get_by_text(f"Highest {kind.replace('_', '-')} score: head {layer}.{head} ({value:.2f}).").count() == 1
+
+    # the same scores as one interactive plotly figure: a panel per score, drawn offline by the embedded plotly.js
+    page.wait_for_selector(".nm-plotly .js-plotly-plot .main-svg", timeout=20_000)
+    figure = page.locator(".nm-plotly")
+    assert figure.count() == 1
+    assert figure.locator(".gtitle").text_content() == "head scores — induction-2l"
+    assert figure.locator(".annotation-text").all_text_contents() == list(nm.SCORES)  # the panels' titles
+    assert figure.locator(".hm image").count() == len(nm.SCORES)
 
     # attention: the viewer rendered, with one token per prompt token
     tokens = model.to_str_tokens(prompt)
@@ -293,7 +374,7 @@ def test_the_wheel_ships_the_templates_and_runs_a_report_writing_nothing_into_ho
     for path in TEMPLATES:
         assert (installed_wheel / "neuronmap" / "notebooks" / path.name).read_bytes() == path.read_bytes()
     record = next(installed_wheel.glob("neuronmap-*.dist-info/RECORD")).read_text()
-    assert "neuronmap/notebooks/model_overview.ipynb" in record and "neuronmap/reports.py" in record
+    assert "neuronmap/notebooks/model_overview.ipynb" in record and "neuronmap/reports/page.py" in record
 
     home = tmp_path / "home"
     home.mkdir()
