@@ -45,7 +45,7 @@ def _one_error_line(capsys) -> str:
 
 
 def test_the_templates_are_notebooks_with_a_parameters_cell_and_no_outputs():
-    assert [path.stem for path in TEMPLATES] == ["attention", "model_overview"]
+    assert NAMES == ["attention", "model_overview", "patching", "sae"]
     for path in TEMPLATES:
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         assert _declared(path), path
