@@ -1,4 +1,5 @@
-"""The set-up files agree with each other: Binder's pins, the constraints file, the README and CI."""
+"""The set-up files agree with each other: the constraints file, the extras, the README and CI (Binder's are
+checked in test_binder.py)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,6 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _pins(path: Path) -> dict[str, str]:
-    pins = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if "==" in line:
-            name, version = line.split("==")
-            pins[name.strip().lower()] = version.strip()
-    return pins
-
-
-def test_binder_pins_are_the_constraints():
-    assert _pins(ROOT / "binder" / "requirements.txt") == _pins(ROOT / "constraints.txt")
-    assert _pins(ROOT / "constraints.txt")["torch"] == "2.13.0"
-
-
-def test_binder_installs_the_package_under_the_constraints():
-    post_build = (ROOT / "binder" / "postBuild").read_text()
-    assert '-c constraints.txt -e ".[notebook]"' in post_build
 
 
 DEV_TOOLS = {"pytest", "papermill", "nbval", "nbconvert", "playwright", "notebook", "jupyterlab", "ipykernel"}
