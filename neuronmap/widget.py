@@ -9,13 +9,14 @@ offline shows nothing; their outputs keep the static view instead.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .display import script_json
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 FORCE_ENV = "NEURONMAP_WIDGETS"
@@ -155,10 +156,7 @@ def static_page(name: str, data: dict[str, Any], fallback_html: str) -> str:
     runs (or where scripts do not run, as on GitHub) `fallback_html` shows.
     """
     script, css = front_end(name)
-    payload = json.dumps(data, separators=(",", ":"))
-    # JSON inside <script> must not be able to close the tag or open a comment; no "/" at all keeps base64 data from
-    # ever spelling a path such as "/tmp" in a saved notebook
-    payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("/", "\\u002f")
+    payload = script_json(data)
     module_body = _module_body(script, name)
     # A classic script in a function scope: it can find its own element (modules have no currentScript), runs
     # once per output, and several outputs on one page do not share names.
