@@ -138,9 +138,15 @@ def expected() -> list[tuple[str, nm.patching.PatchingResult]]:
     return results
 
 
+def _two_places(value: float) -> str:
+    """As the report shows a number: two decimals, and never "-0.00"."""
+    text = f"{value:.2f}"
+    return text[1:] if text == "-0.00" else text
+
+
 def _strongest(name: str, result) -> tuple[str, str, str]:
     labels, value = result.top(1)[0]
-    return name, ", ".join(f"{axis} {label}" for axis, label in zip(result.axes, labels)), f"{value:.2f}"
+    return name, ", ".join(f"{axis} {label}" for axis, label in zip(result.axes, labels)), _two_places(value)
 
 
 @pytest.mark.slow
@@ -163,7 +169,7 @@ def test_the_prompt_pairs_and_their_baseline_are_shown_as_text(report, expected,
         with torch.no_grad():
             logits = model.module(**model.tokenizer(prompt, return_tensors="pt")).logits[0, -1]
         ids = model.tokenizer.convert_tokens_to_ids([good, bad])
-        return f"{float(logits[ids[0]] - logits[ids[1]]):.2f}"
+        return _two_places(float(logits[ids[0]] - logits[ids[1]]))
 
     rows = page.locator(".nm-table", has_text="2 prompt pairs").locator("tbody tr").all_inner_texts()
     shown = [[cell.strip() for cell in row.split("\t")] for row in rows]
@@ -172,7 +178,7 @@ def test_the_prompt_pairs_and_their_baseline_are_shown_as_text(report, expected,
         for i, (c, k, (a, b)) in enumerate(zip(CLEAN, CORRUPTED, ANSWERS))
     ]
     residual = expected[0][1]
-    assert page.get_by_text(f"Mean logit difference: clean {residual.clean:.2f}, corrupted {residual.corrupt:.2f}.").count() == 1
+    assert page.get_by_text(f"Mean logit difference: clean {_two_places(residual.clean)}, corrupted {_two_places(residual.corrupt)}.").count() == 1
     assert page.get_by_text("the pairs have different lengths").count() == 1  # the XSS pair is longer
     assert page.evaluate("window.pwned") is None
     assert page.errors == [] and page.external_requests == []
