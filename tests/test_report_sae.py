@@ -25,7 +25,7 @@ XSS = "<script>window.pwned=1</script>"
 HOSTILE_TEXT = f"Mary and John went to the store. {XSS} John gave a drink to Mary."
 TEXTS = [ioi_sae.texts(1, 11)[0], HOSTILE_TEXT, *ioi_sae.texts(40, 12)]
 SEED, TOP, BROWSE = 5, 3, 8
-DEFAULTS = {"sae": "ioi-resid0", "model": "ioi", "texts": [], "n_texts": 1000, "seed": 4321, "top": 6, "order": "max",
+DEFAULTS = {"sae": "ioi-resid0", "model": "ioi", "texts": [], "n_texts": 500, "seed": 4321, "top": 6, "order": "max",
             "skip_first": True, "browse": 32}
 
 
