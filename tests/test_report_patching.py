@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,27 @@ def test_the_residual_sweep_is_also_a_plotly_figure_with_the_same_values(report,
     assert torch.allclose(torch.tensor(z, dtype=torch.float32), expected[0][1].values, atol=1e-5)
     assert page.locator(".nm-plotly .js-plotly-plot .main-svg .hm").count() == 1  # the heatmap trace is drawn
     assert page.errors == [] and page.external_requests == []
+
+
+@pytest.mark.slow
+def test_chosen_sweeps_only_and_one_answer_pair_for_all_prompts_given_as_token_ids(tmp_path):
+    model = nm.load("ioi")
+    clean = [CLEAN[0], "When Mary and John went to the park, John gave a ball to"]
+    corrupted = [CORRUPTED[0], "When Mary and John went to the park, Mary gave a ball to"]
+    mary = model.tokenizer.convert_tokens_to_ids("Mary")
+    out = tmp_path / "report.html"
+    given = {"clean": clean, "corrupted": corrupted, "answers": [[mary, "John"]], "sweeps": ["heads"]}
+    assert main(["report", "patching", *[a for k, v in given.items() for a in ("-p", f"{k}={json.dumps(v)}")], "-o", str(out)]) == 0
+    html = out.read_text(encoding="utf-8")
+    text = unescape(re.sub(r"<[^>]+>", "", html))
+    assert html.count('class="nm-heatmap"') == 2  # the residual stream's, always, and the heads'
+    for sweep in ("attn_out", "mlp_out", "heads_by_position", "direct_paths"):
+        assert f"Not run: add '{sweep}' to the sweeps parameter." in text
+    metric = nm.patching.logit_diff("Mary", "John")
+    heads = nm.patch(model, clean, corrupted, metric, what="z", by="layer_head", progress=False)
+    _, where, value = _strongest("head", heads)
+    assert f"Strongest head: {where} ({value})." in text
+    assert html.count("<td>Mary</td>") == 0 and html.count(f"<td>{mary}</td><td>John</td>") == 2  # as given, per pair
 
 
 @pytest.mark.slow
