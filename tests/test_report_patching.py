@@ -220,6 +220,54 @@ def test_the_residual_sweep_is_also_a_plotly_figure_with_the_same_values(report,
     assert page.errors == [] and page.external_requests == []
 
 
+@pytest.fixture(scope="module")
+def script_token_report(tmp_path_factory) -> tuple[Path, Path]:
+    """The report on a small random GPT-2 whose vocabulary holds `XSS` as one token, used in a prompt and as an
+    answer, so it reaches the page as a token too: position labels, hover titles, plotly's axis. (report, model)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import WORDS, make_model
+
+    folder = tmp_path_factory.mktemp("script-token")
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate([*WORDS, XSS])}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    make_model("gpt2").save_pretrained(folder / "model")
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>").save_pretrained(folder / "model")
+    given = {
+        "clean": [f"{XSS} mary and john went to the store john gave a drink to"],
+        "corrupted": [f"{XSS} mary and john went to the store mary gave a drink to"],
+        "answers": [[XSS, "john"]],
+    }
+    out = folder / "report.html"
+    pairs = [f"model={folder / 'model'}"] + [f"{name}={json.dumps(value)}" for name, value in given.items()]
+    assert main(["report", "patching", *[a for pair in pairs for a in ("-p", pair)], "-o", str(out)]) == 0
+    return out, folder / "model"
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_a_script_token_stays_text_in_the_table_the_heatmaps_and_the_figure(script_token_report, page):
+    out, folder = script_token_report
+    assert XSS not in out.read_text(encoding="utf-8")
+    page.goto(out.as_uri())
+    page.wait_for_selector(".nm-plotly .js-plotly-plot .main-svg", timeout=20_000)
+    row = page.locator(".nm-table", has_text="1 prompt pairs").locator("tbody tr").inner_text().split("\t")
+    assert row[1:5] == [f"{XSS} mary and john went to the store john gave a drink to",
+                        f"{XSS} mary and john went to the store mary gave a drink to", XSS, "john"]
+    tokens = nm.load(str(folder)).to_str_tokens(f"{XSS} mary and john went to the store john gave a drink to")
+    assert tokens[0] == XSS
+    by_position = page.locator(".nm-heatmap", has_text="by layer × position").all()
+    assert len(by_position) == 3  # resid_post, attn_out, mlp_out
+    for heatmap in by_position:
+        hovers = heatmap.locator("thead th:not(.nm-hm-corner)").evaluate_all("cells => cells.map(cell => cell.title)")
+        assert hovers == [f"position: {p} {token}" for p, token in enumerate(tokens)]
+    ticks = page.locator(".nm-plotly .xtick text").all_text_contents()
+    assert len(ticks) == len(tokens) and ticks[0].startswith("0 <script>window.pwned=1</")  # shown as text, cut
+    assert page.evaluate("window.pwned") is None
+    assert page.errors == [] and page.external_requests == []
+
+
 @pytest.mark.slow
 def test_chosen_sweeps_only_and_one_answer_pair_for_all_prompts_given_as_token_ids(tmp_path):
     model = nm.load("ioi")
