@@ -295,7 +295,7 @@ def _untouched(model: nm.Model) -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(corrupt=CORRUPT[:2]), r"3 clean prompts but 2 corrupted ones"),
+        (dict(corrupt=CORRUPT[:2]), r"3 clean prompts but 2 corrupted:"),
         (dict(corrupt=[CORRUPT[0], CORRUPT[1] + " " + WORDS[3], CORRUPT[2]]), r"clean prompt 1 is 4 tokens but corrupted prompt 1 is 5"),
         (dict(metric=nm.patching.logit_diff(WORDS[5] + " " + WORDS[6], 8)), r"correct answer .* is 2 tokens"),
         (dict(metric=nm.patching.logit_diff(CORRECT[:2], WRONG)), r"correct answers: 2 given for 3 prompts"),

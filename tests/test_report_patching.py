@@ -294,11 +294,11 @@ def test_chosen_sweeps_only_and_one_answer_pair_for_all_prompts_given_as_token_i
     ("pair", "message"),
     [
         (f"corrupted={json.dumps(CORRUPTED[:1])}",
-         "InputError: 2 clean prompts but 1 corrupted ones: patching needs one corrupted prompt per clean one"),
+         "InputError: 2 clean prompts but 1 corrupted: patching needs one corrupted prompt per clean one"),
         (f"corrupted={json.dumps([CORRUPTED[0], 'When Tom and James went to the park, Tom gave a ball'])}",
          "InputError: clean prompt 1 is 15 tokens but corrupted prompt 1 is 14: patching needs each pair to have the same"),
         ("answers=[[\"Mary Ann\", \"John\"], [\"Tom\", \"James\"]]", "InputError: correct answer 'Mary Ann' is 2 tokens"),
-        ("answers=[\"Mary\", \"John\"]", "ValueError: answers must be a list of [correct, wrong] pairs"),
+        ("answers=[\"Mary\", \"John\"]", "InputError: answers must be a list of [correct, wrong] pairs"),
     ],
     ids=["pair-count", "token-count", "answer-tokens", "answer-shape"],
 )

@@ -112,7 +112,7 @@ def paired(model, clean: Inputs, corrupt: Inputs) -> tuple[Batch, Batch]:
     clean_batch, corrupt_batch = model._batch(clean), model._batch(corrupt)
     n_clean, n_corrupt = clean_batch.tokens.shape[0], corrupt_batch.tokens.shape[0]
     if n_clean != n_corrupt:
-        raise InputError(f"{n_clean} clean prompts but {n_corrupt} corrupted ones: patching needs one corrupted prompt per clean one")
+        raise InputError(f"{n_clean} clean prompt{'s' * (n_clean != 1)} but {n_corrupt} corrupted: patching needs one corrupted prompt per clean one")
     clean_lengths, corrupt_lengths = clean_batch.attention_mask.sum(1), corrupt_batch.attention_mask.sum(1)
     differ = (clean_lengths != corrupt_lengths).nonzero()
     if len(differ):
