@@ -336,7 +336,9 @@ def test_attention_report_shows_the_prompts_views_and_scores_offline(built, page
 @pytest.mark.slow
 def test_a_failing_cell_is_named_and_its_notebook_kept(capsys, tmp_path):
     out = tmp_path / "report.html"
+    environment = dict(os.environ)
     assert main(["report", "attention", "-p", "prompts=[]", "-o", str(out)]) == 1
+    assert dict(os.environ) == environment  # the temporary kernel's variables are gone, even after a failure
     err = _one_error_line(capsys)
     partial = tmp_path / "report.html.partial.ipynb"
     assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]

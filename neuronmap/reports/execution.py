@@ -11,10 +11,11 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from ..errors import InputError, ReportError
-from .page import export_html
 from .catalog import template_path
+from .page import export_html
 
 KERNEL_NAME = "neuronmap-report"
 CELL_TIMEOUT_S = 1800
@@ -109,16 +110,8 @@ def _kernel(folder: Path) -> Iterator[None]:
     })
     paths = os.pathsep.join(p for p in (str(folder / "jupyter"), os.environ.get("JUPYTER_PATH", "")) if p)
     values = {"JUPYTER_PATH": paths, "JUPYTER_RUNTIME_DIR": str(folder / "runtime"), "IPYTHONDIR": str(folder / "ipython")}
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
+    with mock.patch.dict(os.environ, values):  # the standard library's set-and-restore of environment variables
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _same_neuronmap() -> dict[str, str]:
