@@ -9,7 +9,7 @@
 // the byte itself is the colour depth, so faint attention stays visible. Values shown as numbers are p.
 // Every token reaches the page through textContent, never as markup.
 
-import { asBytes, inflate, decodeBase64, element, ownKeys, shown, textOn } from "./common.js";
+import { asBytes, inflate, decodeBase64, element, ownKeys, shown, textOn, localModel } from "./common.js";
 
 const PALETTE = [
   [31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189], [255, 127, 14],
@@ -401,39 +401,24 @@ function staticModel(data) {
   const state = Object.assign({}, data);
   delete state.views;
   delete state.details;
-  const listeners = {};
-  const changed = new Set();
+  const model = localModel(state, (key) => {
+    if (key === "layer") showLayer();
+    if (key === "prompt") showPrompt();
+  });
   const showLayer = () => {
     state.detail_key = `${state.layer}:${state.prompt}`;
     state.detail = decodeBase64(data.details[state.detail_key]);
-    changed.add("detail");
+    model.changed.add("detail");
   };
   const showPrompt = () => {
     const view = data.views[String(state.prompt)];
     Object.assign(state, view, { thumbs: decodeBase64(view.thumbs) });
-    for (const key of ["tokens", "n_total", "thumb_size", "thumbs"]) changed.add(key);
+    for (const key of ["tokens", "n_total", "thumb_size", "thumbs"]) model.changed.add(key);
     showLayer();
   };
   showPrompt();
-  changed.clear();
-  return {
-    get: (key) => state[key],
-    set: (key, value) => {
-      state[key] = value;
-      changed.add(key);
-      if (key === "layer") showLayer();
-      if (key === "prompt") showPrompt();
-    },
-    save_changes: () => {
-      const keys = [...changed];
-      changed.clear();
-      for (const key of keys) for (const callback of listeners[`change:${key}`] || []) callback();
-    },
-    on: (event, callback) => { (listeners[event] = listeners[event] || []).push(callback); },
-    off: (event, callback) => {
-      listeners[event] = (listeners[event] || []).filter((c) => c !== callback);
-    },
-  };
+  model.changed.clear();
+  return model;
 }
 
 export default { render };

@@ -1,7 +1,7 @@
 // NeuronMap's helpers shared by the views: bytes from the kernel or the page, elements built without markup, keys kept
 // from the notebook's shortcuts, token text made visible, text readable on a shaded background. Functions only, each
 // with its comment above it: neuronmap.widget.front_end puts the ones a bundle's views import (and the ones those
-// call) once in front of the views.
+// call) once in front of the views; `localModel` stands in for anywidget's model in static pages.
 
 // The bytes behind a traitlets.Bytes value (a DataView in anywidget), an ArrayBuffer or a Uint8Array.
 function asBytes(view) {
@@ -65,4 +65,30 @@ function textOn(rgb) {
   return (l + 0.05) / 0.05 >= 1.05 / (l + 0.05) ? "#000" : "#fff";
 }
 
-export { asBytes, inflate, decodeBase64, element, svgElement, ownKeys, shown, textOn };
+// A stand-in for anywidget's model in a static page, backed by `state`: `set` marks the key changed and calls
+// `react(key)`, where a view does what its kernel would (adding the keys that changed to `model.changed`);
+// `save_changes` then fires the `change:<key>` listeners of every changed key, as anywidget does.
+function localModel(state, react) {
+  const listeners = {};
+  const changed = new Set();
+  return {
+    changed,
+    get: (key) => state[key],
+    set: (key, value) => {
+      state[key] = value;
+      changed.add(key);
+      react(key);
+    },
+    save_changes: () => {
+      const keys = [...changed];
+      changed.clear();
+      for (const key of keys) for (const callback of listeners[`change:${key}`] || []) callback();
+    },
+    on: (event, callback) => { (listeners[event] = listeners[event] || []).push(callback); },
+    off: (event, callback) => {
+      listeners[event] = (listeners[event] || []).filter((c) => c !== callback);
+    },
+  };
+}
+
+export { asBytes, inflate, decodeBase64, element, svgElement, ownKeys, shown, textOn, localModel };

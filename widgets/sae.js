@@ -8,7 +8,7 @@
 // (head.arrays: name -> [offset, dtype, length]); activations come as float16. Every text from the data reaches the
 // page through textContent or an attribute, never as markup.
 
-import { asBytes, inflate, decodeBase64, element, svgElement, ownKeys, shown, textOn } from "./common.js";
+import { asBytes, inflate, decodeBase64, element, svgElement, ownKeys, shown, textOn, localModel } from "./common.js";
 
 const SHADE = [230, 85, 13];
 const SHOWN_ROWS = 300;
@@ -445,41 +445,24 @@ function staticModel(data) {
     mode: data.mode, title: data.title, note: data.note, list_data: data.list ? decodeBase64(data.list) : null,
     feature: -1, payload: null, payload_key: -1, error: "", available,
   };
-  const listeners = {};
-  const changed = new Set();
+  const model = localModel(state, (key) => { if (key === "feature") choose(state.feature); });
   const choose = (latent) => {
     const text = data.features[String(latent)];
     if (text) {
       Object.assign(state, { payload: decodeBase64(text), payload_key: latent, error: "" });
-      changed.add("payload");
+      model.changed.add("payload");
     } else {
       state.error = `latent ${latent} is not embedded in this static view: browser(features=[${latent}, ...]) ` +
         "embeds it, and the live widget opens any latent";
     }
-    changed.add("error");
+    model.changed.add("error");
   };
   if (data.open !== null && data.open !== undefined) {
     state.feature = data.open;
     choose(data.open);
   }
-  changed.clear();
-  return {
-    get: (key) => state[key],
-    set: (key, value) => {
-      state[key] = value;
-      changed.add(key);
-      if (key === "feature") choose(value);
-    },
-    save_changes: () => {
-      const keys = [...changed];
-      changed.clear();
-      for (const key of keys) for (const callback of listeners[`change:${key}`] || []) callback();
-    },
-    on: (event, callback) => { (listeners[event] = listeners[event] || []).push(callback); },
-    off: (event, callback) => {
-      listeners[event] = (listeners[event] || []).filter((c) => c !== callback);
-    },
-  };
+  model.changed.clear();
+  return model;
 }
 
 export default { render };
