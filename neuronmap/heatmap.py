@@ -107,9 +107,11 @@ def heatmap_figure(
     column_title: str,
     diverging: bool,
     panels: Sequence[Any] | None = None,
+    shared_scale: bool = True,
 ) -> go.Figure:
     """The same heatmap as a plotly figure (one subplot per panel, one shared colour axis centred at 0 when
-    `diverging`), every value kept. plotly is an optional dependency, so it is imported here."""
+    `diverging`), every value kept. With `shared_scale=False` each panel gets its own colour axis and bar beside it,
+    for panels of different quantities. plotly is an optional dependency, so it is imported here."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -124,16 +126,22 @@ def heatmap_figure(
     labels[..., 1] = np.array(shown_columns, dtype=object)[None, :]
     hover = f"{escape(row_title)} %{{customdata[0]}}<br>{escape(column_title)} %{{customdata[1]}}<br>%{{z}}"
     hover += "<extra></extra>"  # no trace name beside the box
+    axes = ["coloraxis"] * n_panels if shared_scale else [f"coloraxis{i + 1 if i else ''}" for i in range(n_panels)]
     for index, panel in enumerate(grid):
-        heatmap = go.Heatmap(z=panel.astype(np.float64), customdata=labels, coloraxis="coloraxis", hovertemplate=hover)
+        heatmap = go.Heatmap(z=panel.astype(np.float64), customdata=labels, coloraxis=axes[index], hovertemplate=hover)
         figure.add_trace(heatmap, row=index + 1, col=1)
     figure.update_yaxes(autorange="reversed", title_text=escape(row_title), **_ticks(shown_rows))
     figure.update_xaxes(**_ticks(shown_columns))
     figure.update_xaxes(title_text=escape(column_title), row=n_panels, col=1)
     stops = [[0, hex_colour(BLUE)], [0.5, hex_colour(WHITE)], [1, hex_colour(RED)]] if diverging else [[0, hex_colour(WHITE)], [1, hex_colour(BLUE)]]
+    scale = {"colorscale": stops, **({"cmid": 0} if diverging else {})}
+    for index, axis in enumerate(dict.fromkeys(axes)):
+        if not shared_scale:  # the bar beside its own panel
+            low, high = figure.layout[f"yaxis{index + 1 if index else ''}"].domain
+            scale = {**scale, "colorbar": {"y": (low + high) / 2, "len": high - low, "yanchor": "middle", "thickness": 14}}
+        figure.layout[axis] = scale
     figure.update_layout(
         title=escape(title),
-        coloraxis={"colorscale": stops, **({"cmid": 0} if diverging else {})},
         width=min(1100, 220 + 36 * n_cols),
         height=140 + n_panels * (40 + min(600, 28 * n_rows)),
     )

@@ -222,3 +222,19 @@ def test_a_sequential_figure_has_no_midpoint_and_panels_become_subplots():
     assert [stop[1] for stop in figure.layout.coloraxis.colorscale] == ["#ffffff", "#2166ac"]
     assert len(figure.data) == 2 and {trace.coloraxis for trace in figure.data} == {"coloraxis"}
     assert [annotation.text for annotation in figure.layout.annotations] == ["L0", "L1"]
+
+
+def test_panels_of_different_quantities_get_a_colour_scale_each_beside_their_panel():
+    values = torch.stack([torch.rand(3, 4), 100 * torch.rand(3, 4)])  # e.g. a score in [0, 1] and a distance in tokens
+    figure = heatmap_figure(
+        values, range(3), range(4), panels=["score", "distance"], title="scores", row_title="layer",
+        column_title="head", diverging=False, shared_scale=False,
+    )
+    assert [trace.coloraxis for trace in figure.data] == ["coloraxis", "coloraxis2"]
+    assert (figure.data[1].z == values[1].numpy()).all()
+    for axis, yaxis in (("coloraxis", "yaxis"), ("coloraxis2", "yaxis2")):
+        low, high = figure.layout[yaxis].domain
+        bar = figure.layout[axis].colorbar
+        assert bar.y == pytest.approx((low + high) / 2) and bar.len == pytest.approx(high - low)
+        assert [stop[1] for stop in figure.layout[axis].colorscale] == ["#ffffff", "#2166ac"]
+    assert figure.layout.coloraxis.cmin is None  # each scale spans its own panel's values (plotly's autoscale)

@@ -291,6 +291,7 @@ def test_model_overview_shows_every_section_offline(built, page):
     assert figure.locator(".gtitle").text_content() == "head scores — induction-2l"
     assert figure.locator(".annotation-text").all_text_contents() == list(nm.SCORES)  # the panels' titles
     assert figure.locator(".hm image").count() == len(nm.SCORES)
+    assert figure.locator(".colorbar").count() == len(nm.SCORES)  # a scale per score: their ranges differ
 
     # attention: the viewer rendered, with one token per prompt token
     tokens = model.to_str_tokens(prompt)
