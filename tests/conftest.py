@@ -3,8 +3,10 @@ which Jupyter and IPython keep their files in a temporary folder, never in the u
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +209,22 @@ def installed_wheel(tmp_path_factory) -> Path:
     wheel = next(wheels.glob("neuronmap-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
     return target
+
+
+def parameters_cell(notebook: Path) -> str:
+    """The source of a report template's papermill `parameters` cell."""
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    return "".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"])
+
+
+def declared_parameters(notebook: Path) -> dict[str, object]:
+    """A report template's parameters read straight from its `parameters` cell: name → default literal."""
+    body = ast.parse(parameters_cell(notebook)).body
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in body if isinstance(node, ast.Assign)}
+
+
+def report_error_line(capsys) -> str:
+    """What `neuronmap report` wrote to stderr, checked to be one `neuronmap report: error: ...` line."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("neuronmap report: error: "), err
+    return err.strip()

@@ -164,19 +164,7 @@ def test_numbers_in_prose_and_checkers_are_ones_the_notebook_printed(notebook: P
 
 @pytest.mark.parametrize("notebook", TUTORIALS, ids=lambda path: path.name)
 def test_notebook_outputs_match_with_nbval(notebook: Path, notebook_env):
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "pytest", str(notebook),
-            "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
-            "--nbval-cell-timeout", str(CELL_TIMEOUT_S),
-            "-p", "no:cacheprovider", "-o", "addopts=", "-q", "--no-header",
-        ],
-        cwd=ROOT,
-        env={**os.environ, **notebook_env},
-        capture_output=True,
-        text=True,
-        timeout=CELL_TIMEOUT_S * 2,
-    )
+    result = run_nbval(notebook, notebook_env, cwd=ROOT)
     assert result.returncode == 0, (
         f"nbval found outputs of {notebook.name} that differ from the committed ones (or a failing cell). If the "
         f"change is intended, regenerate with `python tests/test_notebooks.py {notebook.relative_to(ROOT)}`.\n"
@@ -185,6 +173,24 @@ def test_notebook_outputs_match_with_nbval(notebook: Path, notebook_env):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def run_nbval(notebook: Path, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """nbval re-running `notebook` on this interpreter and comparing every output with the stored one, after the
+    substitutions in `SANITIZE`; `env` (from `_kernel_environment`) is added to this process's environment."""
+    return subprocess.run(
+        [
+            sys.executable, "-m", "pytest", str(notebook),
+            "--nbval", "--nbval-current-env", "--nbval-sanitize-with", str(SANITIZE),
+            "--nbval-cell-timeout", str(CELL_TIMEOUT_S),
+            "-p", "no:cacheprovider", "-o", "addopts=", "-q", "--no-header",
+        ],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=CELL_TIMEOUT_S * 2,
+    )
 
 
 @contextlib.contextmanager

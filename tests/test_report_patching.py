@@ -17,6 +17,8 @@ import torch
 import neuronmap as nm
 from neuronmap.cli import main
 
+from conftest import declared_parameters, parameters_cell, report_error_line
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "notebooks" / "patching.ipynb"
 XSS = "<script>window.pwned=1</script>"
 CLEAN = [f"{XSS} When Mary and John went to the store, John gave a drink to", "When Tom and James went to the park, James gave a ball to"]
@@ -38,21 +40,6 @@ def _cells() -> list[dict]:
     return json.loads(TEMPLATE.read_text(encoding="utf-8"))["cells"]
 
 
-def _parameters_source() -> str:
-    return "".join(next(c for c in _cells() if "parameters" in c["metadata"].get("tags", []))["source"])
-
-
-def _declared() -> dict[str, object]:
-    body = ast.parse(_parameters_source()).body
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in body if isinstance(node, ast.Assign)}
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("neuronmap report: error: "), err
-    return err.strip()
-
-
 # ---- fast: the template and its parameters ----------------------------------------------------------------------
 
 
@@ -64,17 +51,17 @@ def test_the_template_is_a_report_with_a_parameters_cell_and_no_outputs():
 
 
 def test_the_parameters_are_declared_with_their_types_and_a_help_comment_on_each_line():
-    declared = _declared()
+    declared = declared_parameters(TEMPLATE)
     assert {name: type(value) for name, value in declared.items()} == {
         "model": str, "clean": list, "corrupted": list, "answers": list, "direction": str, "sweeps": list,
     }
-    lines = _parameters_source().splitlines()
+    lines = parameters_cell(TEMPLATE).splitlines()
     assert len(lines) == len(declared)
     assert all(" = " in line and "  # " in line and line.split("  # ")[-1].strip() for line in lines)
 
 
 def test_the_defaults_pair_each_clean_prompt_with_a_corrupted_one_and_two_answers():
-    declared = _declared()
+    declared = declared_parameters(TEMPLATE)
     assert declared["model"] == "ioi" and declared["direction"] == "denoise"
     assert len(declared["clean"]) == len(declared["corrupted"]) == len(declared["answers"]) >= 2
     assert all(isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1] for pair in declared["answers"])
@@ -84,7 +71,7 @@ def test_the_defaults_pair_each_clean_prompt_with_a_corrupted_one_and_two_answer
 
 
 def test_the_defaults_are_an_experiment_the_zoo_ioi_model_can_patch():
-    declared = _declared()
+    declared = declared_parameters(TEMPLATE)
     model = nm.load(declared["model"])
     correct, wrong = zip(*declared["answers"])
     result = nm.patch(model, declared["clean"], declared["corrupted"], nm.patching.logit_diff(list(correct), list(wrong)),
@@ -107,7 +94,7 @@ def test_the_defaults_are_an_experiment_the_zoo_ioi_model_can_patch():
 def test_a_bad_parameter_is_one_line_with_status_1_and_nothing_written(pair, message, capsys, tmp_path):
     out = tmp_path / "report.html"
     assert main(["report", "patching", "-p", pair, "-o", str(out)]) == 1
-    assert _one_error_line(capsys).startswith(f"neuronmap report: error: {message}")
+    assert report_error_line(capsys).startswith(f"neuronmap report: error: {message}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -307,7 +294,7 @@ def test_mismatched_prompts_or_answers_fail_in_one_line_naming_the_cell_and_writ
     given = {"clean": json.dumps(CLEAN), "corrupted": json.dumps(CORRUPTED), "answers": json.dumps(ANSWERS)}
     given.update([pair.split("=", 1)])
     assert main(["report", "patching", *[a for name, value in given.items() for a in ("-p", f"{name}={value}")], "-o", str(out)]) == 1
-    err = _one_error_line(capsys)
+    err = report_error_line(capsys)
     partial = tmp_path / "report.html.partial.ipynb"
     assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]  # no HTML, the notebook kept
     cells = json.loads(partial.read_text(encoding="utf-8"))["cells"]

@@ -20,6 +20,8 @@ from neuronmap.cli import main
 from neuronmap.sae.metrics import DENSITY_BINS
 from neuronmap.zoo.recipes import ioi_sae
 
+from conftest import parameters_cell, report_error_line
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "notebooks" / "sae.ipynb"
 XSS = "<script>window.pwned=1</script>"
 HOSTILE_TEXT = f"Mary and John went to the store. {XSS} John gave a drink to Mary."
@@ -33,21 +35,11 @@ def _cells() -> list[dict]:
     return json.loads(TEMPLATE.read_text(encoding="utf-8"))["cells"]
 
 
-def _parameters_cell() -> str:
-    return "".join(next(c for c in _cells() if "parameters" in c["metadata"].get("tags", []))["source"])
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("neuronmap report: error: "), err
-    return err.strip()
-
-
 # ---- fast: the template and its parameters ---------------------------------------------------------------------
 
 
 def test_the_template_declares_its_parameters_each_with_a_help_comment():
-    lines = _parameters_cell().splitlines()
+    lines = parameters_cell(TEMPLATE).splitlines()
     declared = {}
     for line in lines:
         match = re.fullmatch(r"(\w+) = (.+?)  # (.+)", line)
@@ -56,7 +48,7 @@ def test_the_template_declares_its_parameters_each_with_a_help_comment():
     assert declared == DEFAULTS
     listed = reports.templates()["sae"]
     assert {name: p.default for name, p in listed.items()} == DEFAULTS
-    assert all(f"# {p.help}" in _parameters_cell() for p in listed.values())
+    assert all(f"# {p.help}" in parameters_cell(TEMPLATE) for p in listed.values())
 
 
 def test_the_template_reads_as_a_report_and_is_committed_without_outputs():
@@ -93,7 +85,7 @@ def test_list_shows_the_sae_template_with_its_defaults(capsys):
 def test_bad_parameters_are_one_line_with_status_1_and_nothing_written(pairs, message, capsys, tmp_path):
     argv = ["report", "sae", *[arg for pair in pairs for arg in ("-p", pair)], "-o", str(tmp_path / "sae.html")]
     assert main(argv) == 1
-    assert _one_error_line(capsys).startswith(f"neuronmap report: error: {message}")
+    assert report_error_line(capsys).startswith(f"neuronmap report: error: {message}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -234,7 +226,7 @@ def _fails_in_cell(capsys, tmp_path, parameters: list[str], marker: str) -> str:
     argv = ["report", "sae", *[arg for pair in parameters for arg in ("-p", pair)], "-o", str(out)]
     capsys.readouterr()  # what the test printed before (a model's loading bar)
     assert main(argv) == 1
-    err = _one_error_line(capsys)
+    err = report_error_line(capsys)
     assert not out.exists()
     cells = json.loads((tmp_path / "sae.html.partial.ipynb").read_text(encoding="utf-8"))["cells"]
     failed = [i for i, c in enumerate(cells) if any(o["output_type"] == "error" for o in c.get("outputs", []))]

@@ -21,24 +21,13 @@ import neuronmap as nm
 from neuronmap import reports
 from neuronmap.cli import main
 
+from conftest import declared_parameters, report_error_line
+
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = sorted((ROOT / "notebooks").glob("*.ipynb"))
 NAMES = [path.stem for path in TEMPLATES]
 XSS = "<script>window.pwned=1</script>"
 PROMPT = "the cat sat on the mat"
-
-
-def _declared(notebook: Path) -> dict[str, object]:
-    """The template's parameters read straight from its `parameters` cell: name → default literal."""
-    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
-    source = "".join(next(c for c in cells if "parameters" in c["metadata"].get("tags", []))["source"])
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(source).body if isinstance(node, ast.Assign)}
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("neuronmap report: error: "), err
-    return err.strip()
 
 
 # ---- fast: the templates, --list, parameters, bad input that is caught before a kernel starts ------------------
@@ -48,7 +37,7 @@ def test_the_templates_are_notebooks_with_a_parameters_cell_and_no_outputs():
     assert NAMES == ["attention", "model_overview", "patching", "sae"]
     for path in TEMPLATES:
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-        assert _declared(path), path
+        assert declared_parameters(path), path
         assert all(not cell.get("outputs") for cell in cells if cell["cell_type"] == "code"), f"{path.name} has outputs"
         assert sum(cell["cell_type"] == "markdown" for cell in cells) >= 3, f"{path.name} has too little prose"
 
@@ -65,7 +54,7 @@ def test_list_names_every_template_with_its_parameters_and_defaults(capsys):
     assert sorted(listed) == [path.stem for path in TEMPLATES]
     for path in TEMPLATES:
         lines = listed[path.stem].splitlines()[1:]
-        declared = _declared(path)
+        declared = declared_parameters(path)
         parsed = [re.fullmatch(r"  -p (\w+)=…  \((\w+), default (.+?)\)(?:: (.*))?", line).groups() for line in lines]
         assert [name for name, *_ in parsed] == list(declared)
         source = json.loads(path.read_text(encoding="utf-8"))["cells"]
@@ -121,14 +110,14 @@ def test_bool_and_float_parameters_follow_their_defaults():
 def test_bad_input_is_one_line_with_status_1_and_nothing_written(argv, message, capsys, tmp_path):
     out = tmp_path / "report.html"
     assert main([*argv, "-o", str(out)]) == 1
-    assert _one_error_line(capsys).startswith(f"neuronmap report: error: {message}")
+    assert report_error_line(capsys).startswith(f"neuronmap report: error: {message}")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_output_in_a_missing_folder_is_refused_before_running(capsys, tmp_path):
     out = tmp_path / "missing" / "report.html"
     assert main(["report", "model_overview", "-o", str(out)]) == 1
-    assert _one_error_line(capsys) == f"neuronmap report: error: the output's folder {str(out.parent)!r} does not exist"
+    assert report_error_line(capsys) == f"neuronmap report: error: the output's folder {str(out.parent)!r} does not exist"
     assert list(tmp_path.iterdir()) == []
 
 
@@ -235,17 +224,12 @@ def test_reports_are_single_offline_files(built):
 def test_each_executed_report_validates_under_nbval(built, template):
     """The notebook a report kept re-runs under nbval with the same outputs (as the tutorials do): the templates are
     deterministic for their parameters, and the kept notebook opens and runs in an ordinary Jupyter kernel."""
-    from test_notebooks import SANITIZE, _kernel_environment
+    from test_notebooks import _kernel_environment, run_nbval
 
     notebook = built[template][1]
     assert json.loads(notebook.read_text(encoding="utf-8"))["metadata"]["kernelspec"]["name"] == "python3"
     with _kernel_environment() as env:
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", str(notebook), "--nbval", "--nbval-current-env", "--nbval-sanitize-with",
-             str(SANITIZE), "-p", "no:cacheprovider", "-o", "addopts=", "-q", "--no-header"],
-            cwd=notebook.parent, env={**os.environ, **env, "NEURONMAP_WIDGETS": "0"}, capture_output=True, text=True,
-            timeout=1200,
-        )
+        result = run_nbval(notebook, {**env, "NEURONMAP_WIDGETS": "0"}, cwd=notebook.parent)
     assert result.returncode == 0, f"{template}: nbval found outputs that differ\n{result.stdout[-20000:]}\n{result.stderr[-3000:]}"
 
 
@@ -340,7 +324,7 @@ def test_a_failing_cell_is_named_and_its_notebook_kept(capsys, tmp_path):
     environment = dict(os.environ)
     assert main(["report", "attention", "-p", "prompts=[]", "-o", str(out)]) == 1
     assert dict(os.environ) == environment  # the temporary kernel's variables are gone, even after a failure
-    err = _one_error_line(capsys)
+    err = report_error_line(capsys)
     partial = tmp_path / "report.html.partial.ipynb"
     assert sorted(p.name for p in tmp_path.iterdir()) == [partial.name]
     cells = json.loads(partial.read_text(encoding="utf-8"))["cells"]
@@ -357,7 +341,7 @@ def test_a_model_that_cannot_be_loaded_is_one_line_and_no_html(capsys, tmp_path,
     out = tmp_path / "report.html"
     missing = tmp_path / "no-such-model"
     assert main(["report", "model_overview", "-p", f"model={missing}", "-o", str(out)]) == 1
-    err = _one_error_line(capsys)
+    err = report_error_line(capsys)
     assert "LoadError: directory" in err and str(missing) in err
     assert not out.exists() and (tmp_path / "report.html.partial.ipynb").exists()
 

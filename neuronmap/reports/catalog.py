@@ -30,13 +30,7 @@ def templates_dir() -> Path:
 
 def templates() -> dict[str, dict[str, Parameter]]:
     """Every report template by name, with the parameters it declares, in the order it declares them."""
-    import papermill
-
-    found = {}
-    for path in sorted(templates_dir().glob("*.ipynb")):
-        declared = papermill.inspect_notebook(str(path))
-        found[path.stem] = {name: Parameter(name, _literal(p["default"]), p["help"]) for name, p in declared.items()}
-    return found
+    return {path.stem: _declared(path) for path in sorted(templates_dir().glob("*.ipynb"))}
 
 
 def template_path(template: str) -> Path:
@@ -50,8 +44,7 @@ def template_path(template: str) -> Path:
 def parse_parameters(template: str, pairs: list[str]) -> dict[str, Any]:
     """`key=value` strings as the template's parameters, each value read with the type of its declared default
     (int, float, bool, str, list or dict: lists and dicts as JSON or a Python literal)."""
-    template_path(template)
-    declared = templates()[template]
+    declared = _declared(template_path(template))
     values = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
@@ -73,6 +66,12 @@ def describe() -> str:
             lines.append(f"  -p {parameter.name}=…  ({type(parameter.default).__name__}, default {shown})"
                          + (f": {parameter.help}" if parameter.help else ""))
     return "\n".join(lines)
+
+
+def _declared(path: Path) -> dict[str, Parameter]:
+    import papermill
+
+    return {name: Parameter(name, _literal(p["default"]), p["help"]) for name, p in papermill.inspect_notebook(str(path)).items()}
 
 
 def _literal(text: str) -> Any:
